@@ -1,0 +1,37 @@
+# ldm: the two commands people need are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-slow bench clean
+
+install: $(STAMP)
+
+# Torch is pinned and installed first: an unpinned torch (or anything that pulls torchvision) would fetch
+# a multi-GB CUDA build. open_clip_torch is installed without its dependencies (torchvision, timm): ldm only
+# reads the BPE vocabulary file it ships.
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c requirements-lock.txt -e '.[test]'
+	$(PIP) install -c requirements-lock.txt --no-deps open_clip_torch
+	@! $(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)" \
+		|| (echo "torchvision is installed in $(VENV); it breaks transformers' CLIP on CPU. Remove it." && exit 1)
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/ldm txt2img "large red circle on the left, blue background" --outdir outputs
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) tools/bench.py load
+
+clean:
+	rm -rf $(VENV) build *.egg-info

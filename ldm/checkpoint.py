@@ -1,0 +1,315 @@
+"""Reading and writing single-file checkpoints in the original Stable Diffusion layout.
+
+- The file format is chosen by magic bytes, never by extension: safetensors (an 8-byte header length then a
+  JSON header), a torch zip archive (`PK\\x03\\x04`) or a legacy torch pickle (`\\x80`).
+- Pickles (`.ckpt`) are read only through `torch.load(weights_only=True)`: a payload that needs arbitrary
+  globals is refused and never executed.
+- Loading is strict and lean: the model is built on the meta device, key sets and shapes are compared and
+  reported in one readable error, then the tensors are adopted with `load_state_dict(assign=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .config import ModelConfig, load_config, preset
+from .model import SCHEDULE_BUFFERS, StableDiffusion, schedule_buffers
+
+METADATA_CONFIG_KEY = "ldm_config"
+
+# Keys in real checkpoints that ldm deliberately does not load. EMA weights (`model_ema.*`) are loaded only on
+# request (`use_ema=True`); `logvar` and `lvlb_weights` are training-only buffers of the original LatentDiffusion;
+# `loss.*` are the discriminator weights that VAE training checkpoints carry.
+IGNORED_PREFIXES = ("model_ema.", "logvar", "lvlb_weights", "loss.")
+
+# Keys that may be absent (older or pruned files): they are recomputed from the config.
+POSITION_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+OPTIONAL_KEYS = (*SCHEDULE_BUFFERS, POSITION_IDS_KEY)
+
+VAE_PREFIX = "first_stage_model."
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint, or that does not fit the model. The message says why and how to fix it."""
+
+
+# --- reading files -------------------------------------------------------------------------------------------
+
+def sniff_format(path: Path) -> str:
+    """'safetensors', 'torch-zip' or 'torch-pickle', from the first bytes of the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file (diffusers folders are not supported; "
+                              "give the single-file .safetensors)") from None
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 8 + header_len <= size:
+            return "safetensors"
+        if head[8:9] == b"{":
+            raise CheckpointError(f"{path} is a truncated safetensors file: its header says {header_len} bytes "
+                                  f"but the file has {size}. Download it again.")
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "torch-pickle"
+    raise CheckpointError(f"{path} is not a checkpoint: expected a .safetensors file or a torch .ckpt "
+                          f"(first bytes {head[:8]!r})")
+
+
+class _InertStub:
+    """Stand-in for harmless metadata classes that training frameworks pickle into .ckpt files."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _stub(module: str, name: str) -> type:
+    return type(name, (_InertStub,), {"__module__": module, "__qualname__": name})
+
+
+# PyTorch Lightning stores its ModelCheckpoint callback state in the original SD .ckpt files. Allowing it as an
+# inert stub (no code of its own, attributes only) lets those files load with weights_only=True.
+_SAFE_STUBS = [_stub("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")]
+
+
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of a checkpoint file (floating ones cast to `dtype` if given) and its metadata."""
+    path = Path(path)
+    fmt = sniff_format(path)
+    metadata: dict[str, str] = {}
+    tensors: dict[str, Tensor] = {}
+    if fmt == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                for key in f.keys():
+                    tensors[key] = _cast(key, f.get_tensor(key), dtype)
+        except (SafetensorError, json.JSONDecodeError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is a corrupt safetensors file ({e}). Download it again.") from None
+        return tensors, metadata
+    try:
+        with torch.serialization.safe_globals(_SAFE_STUBS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+    except Exception as e:  # noqa: BLE001 - any failure of the restricted unpickler means "refused"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "global" in str(e).lower():
+            raise CheckpointError(
+                f"refused to load {path}: its pickle needs Python objects beyond plain tensors ({msg}). ldm never "
+                "runs code from a checkpoint. Use the .safetensors version of this model.") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({msg})") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    for key, value in obj.items():
+        if isinstance(value, Tensor):
+            tensors[str(key)] = _cast(str(key), value, dtype)
+    if not tensors:
+        raise CheckpointError(f"{path} contains no tensors")
+    return tensors, metadata
+
+
+def _cast(key: str, t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Floating tensors to `dtype`; the schedule buffers keep the dtype they are stored in (fp32 in real files)."""
+    if dtype is None or key in SCHEDULE_BUFFERS or not t.is_floating_point() or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+# --- architecture detection -------------------------------------------------------------------------------------
+
+def detect_config(keys_and_shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> ModelConfig:
+    """The config stored by `ldm.save`, else the preset whose every key and shape matches the file."""
+    if METADATA_CONFIG_KEY in metadata:
+        return ModelConfig.from_dict(json.loads(metadata[METADATA_CONFIG_KEY]))
+    if any(k.startswith("cond_stage_model.model.") for k in keys_and_shapes):
+        candidates = ["sd-v2", "sd-v2-base"]
+    elif any(k.startswith("cond_stage_model.transformer.") for k in keys_and_shapes):
+        candidates = ["sd-v1"]
+    else:
+        raise CheckpointError("cannot tell the architecture: the file has no cond_stage_model.* text encoder keys. "
+                              "Is it a VAE or a diffusers UNet? Pass config= with a preset name or YAML.")
+    cfg = preset(candidates[0])
+    problems = compare_keys(expected_shapes(cfg), keys_and_shapes)
+    if problems:
+        raise CheckpointError(f"the file does not match the {cfg.name} architecture; pass config= (a preset name "
+                              f"or an inference YAML) if it is a variant.\n{problems}")
+    return cfg
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def compare_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                 optional: tuple[str, ...] = OPTIONAL_KEYS) -> str:
+    """A readable report of missing, unexpected and mis-shaped keys, or '' when they agree."""
+    missing = sorted(k for k in expected if k not in found and k not in optional)
+    unexpected = sorted(k for k in found if k not in expected and not k.startswith(IGNORED_PREFIXES))
+    shapes = sorted(f"{k}: checkpoint {list(found[k])}, model {list(expected[k])}"
+                    for k in expected if k in found and tuple(found[k]) != tuple(expected[k]))
+    lines = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"{len(items)} {title}:\n  " + "\n  ".join(shown))
+    return "\n".join(lines)
+
+
+def ema_key(key: str) -> str:
+    """`model.diffusion_model.a.b` -> `model_ema.diffusion_modelab`, the original LitEma buffer naming."""
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
+# --- load / save ----------------------------------------------------------------------------------------------------
+
+def resolve_config(config: str | Path | ModelConfig | None) -> ModelConfig | None:
+    if config is None or isinstance(config, ModelConfig):
+        return config
+    text = str(config)
+    if text.endswith((".yaml", ".yml")) or os.path.sep in text:
+        return load_config(text)
+    return preset(text)
+
+
+def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, vae: str | Path | None = None,
+         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prediction: str | None = None,
+         use_ema: bool = False) -> StableDiffusion:
+    """Load a single-file SD 1.x/2.x checkpoint (.safetensors, or .ckpt through the restricted unpickler).
+
+    config: a preset name (`sd-v1`, `sd-v2`, `sd-v2-base`, ...), a YAML (ldm's or the original inference YAML)
+        or a ModelConfig; default: the config saved in the file, else detected from keys and shapes.
+    vae: a separate VAE file, with or without the `first_stage_model.` prefix, replacing the bundled one.
+    prediction: "eps" or "v", overriding the config and the probe.
+    use_ema: load the `model_ema.*` UNet weights of a full training checkpoint instead of the raw ones.
+    """
+    tensors, metadata = read_state_dict(path, dtype=dtype)
+    cfg = resolve_config(config)
+    if cfg is None:
+        cfg = detect_config({k: tuple(v.shape) for k, v in tensors.items()}, metadata)
+    if use_ema:
+        _swap_in_ema(tensors, path)
+    if vae is not None:
+        tensors.update(read_vae(vae, dtype))
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES)}
+    probe = prediction is None and config is None and METADATA_CONFIG_KEY not in metadata and cfg.text.kind == "open-clip"
+    if prediction is not None:
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        cfg = cfg.replace(prediction=prediction)
+    model = build_and_adopt(cfg, tensors, source=str(path))
+    model.to(device)
+    if probe:
+        is_v = probe_v_prediction(model)
+        name = ("sd-v2" if is_v else "sd-v2-base") if cfg.name in ("sd-v2", "sd-v2-base") else cfg.name
+        model.config = cfg.replace(name=name, prediction="v" if is_v else "eps",
+                                   image_size=768 if is_v else 512)
+    return model
+
+
+def build_and_adopt(cfg: ModelConfig, tensors: dict[str, Tensor], source: str = "checkpoint") -> StableDiffusion:
+    """Build the model on the meta device and adopt `tensors` (strict, one report for all problems)."""
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = compare_keys(expected, {k: tuple(v.shape) for k, v in tensors.items()})
+    if problems:
+        raise CheckpointError(f"{source} does not fit the {cfg.name} model:\n{problems}")
+    s = cfg.schedule
+    defaults = schedule_buffers(s.num_timesteps, s.beta_start, s.beta_end, s.beta_schedule)
+    defaults[POSITION_IDS_KEY] = torch.arange(cfg.text.max_length).expand((1, -1)).clone()
+    for key in OPTIONAL_KEYS:
+        if key in expected and key not in tensors:
+            tensors[key] = defaults[key]
+    if POSITION_IDS_KEY in tensors:  # some files store it as float
+        tensors[POSITION_IDS_KEY] = tensors[POSITION_IDS_KEY].round().long()
+    model.load_state_dict(tensors, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"internal error: tensors left uninitialised after loading: {left[:5]}")
+    return model
+
+
+def read_vae(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """A standalone VAE file (e.g. vae-ft-mse-840000-ema-pruned) as `first_stage_model.*` tensors."""
+    tensors, _ = read_state_dict(path, dtype=dtype)
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        key = key if key.startswith(VAE_PREFIX) else VAE_PREFIX + key
+        if key.startswith(VAE_PREFIX):
+            out[key] = value
+    if not any(k.startswith(VAE_PREFIX + "decoder.") for k in out):
+        raise CheckpointError(f"{path} is not a VAE: it has no decoder.* keys")
+    return {k: v for k, v in out.items() if k.startswith(VAE_PREFIX)}
+
+
+def _swap_in_ema(tensors: dict[str, Tensor], path: str | Path) -> None:
+    unet_keys = [k for k in tensors if k.startswith("model.diffusion_model.")]
+    missing = [k for k in unet_keys if ema_key(k) not in tensors]
+    if missing:
+        raise CheckpointError(f"{path} has no EMA weights (model_ema.*) for {len(missing)} UNet keys, e.g. "
+                              f"{missing[0]}; load it without use_ema")
+    for key in unet_keys:
+        tensors[key] = tensors[ema_key(key)]
+
+
+@torch.no_grad()
+def probe_v_prediction(model: StableDiffusion) -> bool:
+    """A1111's test for SD2 checkpoints: at t=999 an eps model returns about its input, a v model far below it."""
+    x = torch.full((1, model.config.unet.in_channels, 8, 8), 0.5, device=model.device, dtype=model.dtype)
+    context = torch.full((1, 2, model.config.unet.context_dim), 0.5, device=model.device, dtype=model.dtype)
+    t = torch.tensor([model.config.schedule.num_timesteps - 1], device=model.device)
+    out = model.unet(x, t, context).float()
+    return (out - x.float()).mean().item() < -1.0
+
+
+def save(model: StableDiffusion, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+         metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `model.state_dict()` as a single-file .safetensors in the original layout, atomically, with the config
+    in the metadata so that `ldm.load` needs no config= for it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point() and key not in SCHEDULE_BUFFERS:
+            value = value.to(dtype)
+        state[key] = value.contiguous().clone() if not value.is_contiguous() or _shares_storage(value) else value
+    meta = {METADATA_CONFIG_KEY: json.dumps(model.config.to_dict()), "ldm_version": __version__, "format": "pt"}
+    meta.update(metadata or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _shares_storage(t: Tensor) -> bool:
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()

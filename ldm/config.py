@@ -1,0 +1,236 @@
+"""Typed configuration: one frozen dataclass per component, named presets, and a YAML reader.
+
+YAML files (ldm's own `configs/*.yaml` and the original CompVis/Stability inference YAMLs) are data that map
+onto these fields. Their `target:` strings are read as data and never imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Prediction = Literal["eps", "v"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The openaimodel `UNetModel` with spatial transformers (CompVis naming in the comments)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a transformer
+    num_heads: int | None = 8            # a fixed head count (SD1) ...
+    num_head_channels: int | None = None  # ... or a fixed head width (SD2: 64)
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear, not 1x1 Conv
+    norm_groups: int = 32
+    dropout: float = 0.0
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head width) for a transformer with `channels` channels."""
+        if self.num_head_channels is not None:
+            if channels % self.num_head_channels:
+                raise ValueError(f"{channels} channels are not divisible by num_head_channels={self.num_head_channels}")
+            return channels // self.num_head_channels, self.num_head_channels
+        if self.num_heads is None or channels % self.num_heads:
+            raise ValueError(f"{channels} channels are not divisible by num_heads={self.num_heads}")
+        return self.num_heads, channels // self.num_heads
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """AutoencoderKL (f = 2 ** (len(ch_mult) - 1), z = z_channels), `ddconfig` in CompVis YAMLs."""
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    scale_factor: float = 0.18215  # latents are multiplied by this before diffusion
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The CLIP text transformer: `hf-clip` (transformers' CLIPTextModel, SD1) or `open-clip` (SD2)."""
+    kind: Literal["hf-clip", "open-clip"] = "hf-clip"
+    vocab_size: int = 49408
+    max_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: int = 4
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer: Literal["last", "penultimate"] = "last"  # which hidden state conditions the UNet
+    projection_dim: int = 768  # open-clip text_projection width (stored, unused for conditioning)
+    pad_token: int = 49407     # SD1 pads with the end token, SD2 (open_clip) with 0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The DDPM training schedule ("scaled linear": betas linear in sqrt space)."""
+    num_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction: Prediction = "eps"
+    image_size: int = 512  # native resolution in pixels
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        sections = {"unet": UNetConfig, "vae": AutoencoderConfig, "text": TextEncoderConfig, "schedule": ScheduleConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in sections:
+                kwargs[key] = _build(sections[key], value or {}, where=key)
+            elif key in {"name", "prediction", "image_size"}:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"unknown config key {key!r}; expected one of "
+                                 f"{sorted([*sections, 'name', 'prediction', 'image_size'])}")
+        if "name" not in kwargs:
+            raise ValueError("config has no 'name'")
+        cfg = cls(**kwargs)
+        if cfg.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {cfg.prediction!r}")
+        return cfg
+
+
+def _build(cls: type, values: dict[str, Any], where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config section '{where}'; valid keys: {sorted(names)}")
+    out = {}
+    for k, v in values.items():
+        out[k] = tuple(v) if isinstance(v, list) else v
+    return cls(**out)
+
+
+# --- presets -------------------------------------------------------------------------------------------
+
+SD1_TEXT = TextEncoderConfig()
+SD2_TEXT = TextEncoderConfig(kind="open-clip", width=1024, layers=24, heads=16, activation="gelu",
+                             layer="penultimate", projection_dim=1024, pad_token=0)
+SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+# Tiny configs of the same code, for tests and the bundled demo model. Group norm needs channels divisible by
+# norm_groups, so the tiny presets use 8 groups.
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                       num_heads=None, num_head_channels=16, context_dim=32, norm_groups=8)
+TINY_VAE = AutoencoderConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
+TINY_TEXT = TextEncoderConfig(width=32, layers=2, heads=2, projection_dim=32)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd-v1": ModelConfig(name="sd-v1"),
+    "sd-v2": ModelConfig(name="sd-v2", unet=SD2_UNET, text=SD2_TEXT, prediction="v", image_size=768),
+    "sd-v2-base": ModelConfig(name="sd-v2-base", unet=SD2_UNET, text=SD2_TEXT, prediction="eps", image_size=512),
+    "tiny": ModelConfig(name="tiny", unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, image_size=64),
+    "tiny-v2": ModelConfig(
+        name="tiny-v2", unet=dataclasses.replace(TINY_UNET, use_linear_in_transformer=True), vae=TINY_VAE,
+        text=dataclasses.replace(TINY_TEXT, kind="open-clip", activation="gelu", layers=3, layer="penultimate",
+                                 pad_token=0),
+        prediction="v", image_size=64),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+# --- YAML ----------------------------------------------------------------------------------------------
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read ldm's own YAML (`preset:` plus overrides, or a full config) or an original CompVis/Stability
+    inference YAML (`model: target: ...LatentDiffusion`)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    if "model" in data and isinstance(data["model"], dict) and "params" in data["model"]:
+        return from_compvis(data, name=path.stem)
+    if "preset" in data:
+        base = preset(data.pop("preset")).to_dict()
+        for key, value in data.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        data = base
+    return ModelConfig.from_dict(data)
+
+
+def from_compvis(data: dict[str, Any], name: str = "compvis") -> ModelConfig:
+    """Map an original `v1-inference.yaml` / `v2-inference(-v).yaml` onto ModelConfig. Only the fields that
+    define the architecture are read; `target:` strings only pick the text encoder kind."""
+    p = data["model"]["params"]
+    u = p["unet_config"]["params"]
+    unet = UNetConfig(
+        in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4),
+        model_channels=u["model_channels"], channel_mult=tuple(u["channel_mult"]),
+        num_res_blocks=u["num_res_blocks"], attention_resolutions=tuple(u["attention_resolutions"]),
+        num_heads=u.get("num_heads") if u.get("num_heads", -1) != -1 else None,
+        num_head_channels=u.get("num_head_channels") if u.get("num_head_channels", -1) != -1 else None,
+        transformer_depth=u.get("transformer_depth", 1), context_dim=u["context_dim"],
+        use_linear_in_transformer=u.get("use_linear_in_transformer", False))
+    if unet.num_head_channels is not None:
+        unet = dataclasses.replace(unet, num_heads=None)
+    fs = p["first_stage_config"]["params"]
+    dd = fs["ddconfig"]
+    vae = AutoencoderConfig(in_channels=dd["in_channels"], out_ch=dd["out_ch"], ch=dd["ch"],
+                            ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                            z_channels=dd["z_channels"], embed_dim=fs["embed_dim"],
+                            scale_factor=float(p.get("scale_factor", 0.18215)))
+    target = str(p["cond_stage_config"].get("target", ""))
+    if "OpenCLIP" in target:
+        layer = p["cond_stage_config"].get("params", {}).get("layer", "last")
+        text = dataclasses.replace(SD2_TEXT, layer=layer)
+    elif "CLIPEmbedder" in target:
+        text = SD1_TEXT
+    else:
+        raise ValueError(f"unsupported cond_stage_config target {target!r}: ldm supports the CLIP (SD1) and "
+                         "OpenCLIP (SD2) text encoders")
+    schedule = ScheduleConfig(num_timesteps=p.get("timesteps", 1000), beta_start=p.get("linear_start", 0.00085),
+                              beta_end=p.get("linear_end", 0.012))
+    prediction = "v" if p.get("parameterization", "eps") == "v" else "eps"
+    # The original YAMLs all say `image_size: 64`; the 768 px SD2 models are the v-prediction ones.
+    image_size = 768 if (prediction == "v" and text.kind == "open-clip") else p.get("image_size", 64) * vae.downsample_factor
+    if unet.in_channels != 4:
+        raise ValueError(f"UNet with {unet.in_channels} input channels (inpainting/depth) is not supported yet")
+    return ModelConfig(name=name, unet=unet, vae=vae, text=text, schedule=schedule, prediction=prediction,
+                       image_size=image_size)

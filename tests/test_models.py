@@ -1,0 +1,89 @@
+"""The module trees are the checkpoint: key/shape coverage of the full presets, forward shapes, round trips."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import ldm
+from ldm.checkpoint import expected_shapes
+from ldm.config import PRESETS, load_config, preset
+
+DATA = Path(__file__).parent / "data"
+REFERENCE_CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs"
+
+
+def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
+    """key -> shape from the committed lists, taken from real SD 1.5 / SD 2.1 files (see shared/reference)."""
+    rows = (line.rstrip("\n").split("\t") for line in (DATA / name).read_text().splitlines()[1:])
+    return {key: tuple(ast.literal_eval(shape)) for key, _dtype, shape in rows}
+
+
+@pytest.mark.parametrize("preset_name,keys_file", [("sd-v1", "sd15_keys.tsv"), ("sd-v2", "sd21_keys.tsv"),
+                                                   ("sd-v2-base", "sd21_keys.tsv")])
+def test_full_presets_match_real_checkpoint_keys_exactly(preset_name, keys_file):
+    ours = expected_shapes(preset(preset_name))
+    ref = reference_keys(keys_file)
+    assert sorted(set(ours) - set(ref)) == []
+    assert sorted(set(ref) - set(ours)) == []
+    assert {k: v for k, v in ours.items() if ref[k] != v} == {}
+
+
+@pytest.mark.parametrize("yaml_name,preset_name", [("v1-inference", "sd-v1"), ("v2-inference", "sd-v2-base"),
+                                                   ("v2-inference-v", "sd-v2")])
+def test_original_inference_yamls_map_onto_presets(yaml_name, preset_name):
+    path = REFERENCE_CONFIGS / f"{yaml_name}.yaml"
+    if not path.exists():
+        pytest.skip("shared/reference is not beside the checkout")
+    assert load_config(path).replace(name=preset_name) == preset(preset_name)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2"])
+def test_tiny_forward_shapes(name):
+    torch.manual_seed(0)
+    sd = ldm.StableDiffusion(preset(name))
+    cfg = sd.config
+    ctx = sd.encode_prompt(["a photo of a cat", "a dog"])
+    assert ctx.shape == (2, 77, cfg.text.width)
+    # a latent side that is not a multiple of 2**levels still meets its skip connections
+    for h, w in [(8, 8), (6, 10)]:
+        x = torch.randn(2, 4, h, w)
+        assert sd.unet(x, torch.tensor([10, 999]), ctx).shape == x.shape
+    images = sd.vae.decode(torch.randn(1, 4, 8, 6))
+    assert images.shape == (1, 3, 64, 48)
+    posterior = sd.vae.encode(images)
+    assert posterior.mean.shape == (1, 4, 8, 6)
+    g = [torch.Generator().manual_seed(1)]
+    assert torch.equal(posterior.sample(g), posterior.sample([torch.Generator().manual_seed(1)]))
+
+
+def test_bad_shapes_raise_clear_errors():
+    sd = ldm.StableDiffusion(preset("tiny"))
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
+        sd.unet(torch.randn(1, 3, 8, 8), torch.tensor([1]), torch.randn(1, 77, 32))
+    with pytest.raises(ValueError, match="context"):
+        sd.unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 77, 768))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sd.vae.encode(torch.randn(1, 3, 60, 64))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_save_load_round_trip_is_exact(tmp_path, name, dtype):
+    torch.manual_seed(0)
+    sd = ldm.StableDiffusion(preset(name)).to(dtype)
+    path = ldm.save(sd, tmp_path / "m.safetensors")
+    back = ldm.load(path, dtype=dtype)
+    assert back.config == sd.config
+    a, b = sd.state_dict(), back.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    with pytest.raises(FileExistsError):
+        ldm.save(sd, path)
+
+
+def test_presets_are_consistent():
+    for name, cfg in PRESETS.items():
+        assert cfg.name == name
+        assert ldm.ModelConfig.from_dict(cfg.to_dict()) == cfg
