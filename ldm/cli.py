@@ -1,14 +1,319 @@
-"""The `ldm` command line. Usage errors exit with code 2 and a one-line message, never a traceback."""
+"""The `ldm` command line: txt2img, img2img, info (and train, cache-latents, export when available).
+
+Every user mistake (a bad size, a missing file, an unknown sampler, ...) is caught before any work is done and
+reported as one line on stderr with exit code 2; no output file is written. Flags follow the CompVis scripts
+and AUTOMATIC1111 (`--W/--H`, `--n-samples`, `--n-iter`, `--scale`/`--cfg`, `--ckpt`, ...).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from . import __version__
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "ldm-demo-shapes.safetensors"
+
+# Defaults of the generation flags. They are applied last, after the values stored in a --from-png image, so
+# that flags given on the command line override the stored ones, and the stored ones override these.
+GEN_DEFAULTS: dict[str, Any] = {
+    "negative_prompt": "", "steps": 30, "sampler": "dpmpp_2m", "schedule": "karras", "scale": 7.5, "seed": None,
+    "width": None, "height": None, "n_samples": 1, "n_iter": 1, "precision": "auto", "device": "auto",
+    "attention": "sdpa", "clip_skip": 1, "eta": None, "strength": 0.75, "upcast_attention": False, "quiet": False,
+    "grid": False,
+}
 
 
 class UsageError(Exception):
     """A user mistake: printed as one line, exit code 2."""
+
+
+# --- argument parsing -------------------------------------------------------------------------------------------
+
+TXT2IMG_EXAMPLES = """examples:
+  ldm txt2img "large red circle on the left, blue background"
+  ldm txt2img --ckpt v1-5-pruned-emaonly.safetensors "a photo of a cat" --steps 25 --sampler "DPM++ 2M Karras"
+  ldm txt2img --ckpt v2-1_768-ema-pruned.safetensors "a castle" --W 768 --H 768 --n-samples 4 --seed 42
+  ldm txt2img --from-png outputs/00003-42.png            # regenerate an image exactly
+  ldm txt2img --from-png outputs/00003-42.png --steps 50 # replay with one change
+"""
+
+IMG2IMG_EXAMPLES = """examples:
+  ldm img2img --init-img shape.png "large green circle on the left, blue background" --strength 0.6
+  ldm img2img --ckpt v1-5-pruned-emaonly.safetensors --init-img photo.jpg "an oil painting" --W 512 --H 512
+
+The init image is used at its own size rounded down to a multiple of 8 (cropping at most 7 px at the right and
+bottom), unless --W/--H ask for another size, in which case it is resized with Lanczos.
+"""
+
+
+def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
+    S = argparse.SUPPRESS  # "not given": lets --from-png values show through
+    p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", default=S, help="the prompt (or use --prompt)")
+    p.add_argument("--prompt", default=S, help="the prompt")
+    p.add_argument("--negative-prompt", dest="negative_prompt", default=S, help="what to steer away from")
+    p.add_argument("--from-file", dest="from_file", default=S, help="a text file with one prompt per line")
+    p.add_argument("--ckpt", default=S, help=f"checkpoint (.safetensors or .ckpt); default: the bundled demo model "
+                                             f"{DEMO_CHECKPOINT.name}")
+    p.add_argument("--config", default=S, help="preset name or inference YAML (default: detected)")
+    p.add_argument("--vae", default=S, help="a separate VAE file to use instead of the checkpoint's")
+    p.add_argument("--steps", type=int, default=S, help=f"sampling steps (default {GEN_DEFAULTS['steps']})")
+    p.add_argument("--sampler", default=S, help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, "
+                   "dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, ddpm, or an A1111 name such as "
+                   "'DPM++ 2M Karras' (default dpmpp_2m)")
+    p.add_argument("--schedule", choices=["discrete", "karras", "exponential"], default=S,
+                   help="sigma schedule (default karras; ddim/plms/ddpm use discrete)")
+    p.add_argument("--scale", "--cfg", dest="scale", type=float, default=S,
+                   help=f"classifier-free guidance scale (default {GEN_DEFAULTS['scale']})")
+    p.add_argument("--eta", type=float, default=S, help="noise of ddim and the ancestral/SDE samplers")
+    p.add_argument("--seed", type=int, default=S, help="seed of the first image; image i uses seed + i (default random)")
+    p.add_argument("--W", "--width", dest="width", type=int, default=S, help="width in pixels, a multiple of 8")
+    p.add_argument("--H", "--height", dest="height", type=int, default=S, help="height in pixels, a multiple of 8")
+    p.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=S, help="images per batch")
+    p.add_argument("--n-iter", "--n_iter", dest="n_iter", type=int, default=S, help="number of batches")
+    p.add_argument("--outdir", default=S, help=f"output folder (default outputs/{'img2img' if img2img else 'txt2img'})")
+    p.add_argument("--grid", action="store_true", default=S, help="also save a grid of all images")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=S,
+                   help="auto: fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=S, help="auto: cuda, mps or cpu")
+    p.add_argument("--attention", choices=["sdpa", "xformers", "math"], default=S, help="attention backend")
+    p.add_argument("--upcast-attention", dest="upcast_attention", action="store_true", default=S,
+                   help="compute attention in fp32 under fp16/bf16 (fixes black/NaN images of some SD2 models)")
+    p.add_argument("--clip-skip", dest="clip_skip", type=int, default=S, help="use the CLIP layer this far from the end")
+    p.add_argument("--from-png", dest="from_png", default=S, help="replay the parameters stored in a PNG written by ldm")
+    p.add_argument("--quiet", action="store_true", default=S, help="no progress bar")
+    if img2img:
+        p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")
+        p.add_argument("--strength", type=float, default=S,
+                       help="how much to change the image, in (0, 1]; 1 ignores it (default 0.75)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm", description="ldm: Stable Diffusion 1.x/2.x from scratch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n  txt2img, img2img   generate images (see `ldm txt2img --help`)\n"
+               "  info               show what ldm detects in a checkpoint\n\n" + TXT2IMG_EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"ldm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, examples, img2img in (("txt2img", TXT2IMG_EXAMPLES, False), ("img2img", IMG2IMG_EXAMPLES, True)):
+        p = sub.add_parser(name, help=f"generate images from {'an image and ' if img2img else ''}text",
+                           epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_generation_args(p, img2img)
+        p.set_defaults(func=cmd_generate)
+    info = sub.add_parser("info", help="show the architecture ldm detects in a checkpoint")
+    info.add_argument("ckpt", help="a single-file .safetensors or .ckpt checkpoint")
+    info.add_argument("--config", default=None, help="preset name or inference YAML (default: detect)")
+    info.add_argument("--prediction", choices=["eps", "v"], default=None, help="override eps/v detection")
+    info.set_defaults(func=cmd_info)
+    for module in ("ldm.train", "ldm.latents_cache", "ldm.export"):  # optional subcommands, each in its own module
+        try:
+            importlib.import_module(module).add_subcommand(sub)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return parser
+
+
+# --- txt2img / img2img ---------------------------------------------------------------------------------------
+
+def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Command line > values stored in --from-png > defaults. Validates everything a user can get wrong."""
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    stored: dict[str, Any] = {}
+    if "from_png" in given:
+        from .images import read_png_params
+
+        stored = png_to_options(read_png_params(given["from_png"]))
+    opts = {**GEN_DEFAULTS, **stored, **given}
+    opts["img2img"] = args.command == "img2img"
+    if "prompt_pos" in given and "prompt" in given:
+        raise UsageError("give the prompt either as an argument or with --prompt, not both")
+    prompt = given.get("prompt_pos", given.get("prompt", stored.get("prompt")))
+    if "from_file" in given:
+        if prompt is not None and ("prompt_pos" in given or "prompt" in given):
+            raise UsageError("give either a prompt or --from-file, not both")
+        path = Path(given["from_file"])
+        if not path.is_file():
+            raise UsageError(f"prompt file not found: {path}")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"prompt file {path} is empty: write one prompt per line")
+    elif prompt is None:
+        raise UsageError("no prompt: give one as an argument, with --prompt, --from-file or --from-png")
+    else:
+        prompts = [prompt]
+    opts["prompts"] = prompts
+    check_numbers(opts)
+    from .samplers import resolve_sampler
+
+    try:
+        resolve_sampler(opts["sampler"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ckpt = Path(opts.get("ckpt") or DEMO_CHECKPOINT)
+    if not ckpt.is_file():
+        hint = " (the bundled demo model is built by `make demo-model`)" if ckpt == DEMO_CHECKPOINT else ""
+        raise UsageError(f"checkpoint not found: {ckpt}{hint}")
+    opts["ckpt"] = str(ckpt)
+    for key in ("vae", "config"):
+        value = opts.get(key)
+        if value and (str(value).endswith((".yaml", ".yml", ".safetensors", ".ckpt", ".pt")) or os.sep in str(value)) \
+                and not Path(value).is_file():
+            raise UsageError(f"--{key} file not found: {value}")
+    if opts["img2img"]:
+        if not opts.get("init_img"):
+            raise UsageError("img2img needs --init-img IMAGE")
+        from .images import load_image
+
+        try:
+            opts["init_image"] = load_image(opts["init_img"])
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    from .images import check_outdir
+
+    try:
+        opts["outdir"] = check_outdir(opts.get("outdir") or Path("outputs") / args.command)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return opts
+
+
+def check_numbers(o: dict[str, Any]) -> None:
+    for key in ("width", "height"):
+        v = o.get(key)
+        if v is not None and (v < 8 or v % 8):
+            lo = max(8, v // 8 * 8)
+            raise UsageError(f"--{key} {v} is not a multiple of 8; use {lo} or {lo + 8}")
+    for key, low in (("steps", 1), ("n_samples", 1), ("n_iter", 1), ("clip_skip", 1)):
+        if o[key] < low:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least {low}, got {o[key]}")
+    if o["scale"] < 0:
+        raise UsageError(f"--scale must be >= 0, got {o['scale']}")
+    if o["seed"] is not None and not 0 <= o["seed"] < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {o['seed']}")
+    if not 0.0 < o["strength"] <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1], got {o['strength']}")
+    if o["eta"] is not None and o["eta"] < 0:
+        raise UsageError(f"--eta must be >= 0, got {o['eta']}")
+
+
+def png_to_options(p: dict[str, Any]) -> dict[str, Any]:
+    """Map the `ldm` PNG chunk back onto command-line options (one image: batch of 1, its own seed)."""
+    out = {"prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt", ""), "steps": p.get("steps"),
+           "sampler": p.get("sampler"), "schedule": p.get("schedule"), "scale": p.get("guidance"),
+           "seed": p.get("seed"), "width": p.get("width"), "height": p.get("height"), "eta": p.get("eta"),
+           "clip_skip": p.get("clip_skip", 1), "precision": p.get("precision"), "device": p.get("device_type"),
+           "attention": p.get("attention"), "upcast_attention": p.get("upcast_attention"),
+           "ckpt": p.get("ckpt"), "vae": p.get("vae"), "config": p.get("config"),
+           "strength": p.get("strength"), "init_img": p.get("init_img"), "n_samples": 1, "n_iter": 1,
+           "model_sha256_stored": p.get("model_sha256")}
+    if p.get("mode") == "img2img":  # the size the user asked for, not the init image's own (cropped) size
+        out["width"], out["height"] = p.get("requested_width"), p.get("requested_height")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def choose_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def choose_dtype(precision: str, device: str):
+    import torch
+
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    return precision, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    opts = resolve_options(args)
+    import torch
+    from tqdm import tqdm
+
+    from . import attention
+    from .checkpoint import load
+    from .images import file_sha256, save_png
+    from .pipeline import NaNError, img2img, random_seed, txt2img
+
+    device = choose_device(opts["device"])
+    precision, dtype = choose_dtype(opts["precision"], device)
+    try:
+        attention.set_backend(opts["attention"], upcast=opts["upcast_attention"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    quiet = opts["quiet"]
+    t0 = time.perf_counter()
+    sd = load(opts["ckpt"], config=opts.get("config"), vae=opts.get("vae"), device=device, dtype=dtype)
+    sd.source_sha256 = file_sha256(opts["ckpt"])
+    if "from_png" in opts and opts.get("model_sha256_stored") not in (None, sd.source_sha256):
+        print("warning: the checkpoint differs from the one that made the PNG; the image will differ", file=sys.stderr)
+    if not quiet:
+        print(f"loaded {Path(opts['ckpt']).name} ({sd.config.name}, {sd.prediction}) on {device} {precision} "
+              f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    seed = opts["seed"] if opts["seed"] is not None else random_seed()
+    written: list[Path] = []
+    all_images = []
+    n = opts["n_samples"]
+    common = dict(negative_prompt=opts["negative_prompt"], steps=opts["steps"], guidance=opts["scale"],
+                  sampler=opts["sampler"], schedule=opts["schedule"], width=opts["width"], height=opts["height"],
+                  batch_size=n, clip_skip=opts["clip_skip"], eta=opts["eta"])
+    extra = {"ckpt": opts["ckpt"], "precision": precision, "device_type": device, "attention": opts["attention"],
+             "upcast_attention": opts["upcast_attention"], "vae": opts.get("vae"), "config": opts.get("config"),
+             "requested_width": opts["width"], "requested_height": opts["height"]}
+    total_batches = len(opts["prompts"]) * opts["n_iter"]
+    batch = 0
+    for prompt in opts["prompts"]:
+        for _ in range(opts["n_iter"]):
+            bar = tqdm(total=opts["steps"], desc=f"batch {batch + 1}/{total_batches}", unit="it",
+                       disable=quiet, file=sys.stderr, leave=False)
+
+            def progress(step: int, total: int, latents) -> None:
+                bar.total = total
+                bar.update(step - bar.n)
+
+            try:
+                if opts["img2img"]:
+                    result = img2img(sd, opts["init_image"], prompt, strength=opts["strength"], seed=seed,
+                                     callback=progress, **common)
+                    extra_img = {"init_img": str(Path(opts["init_img"]).resolve()),
+                                 "init_img_sha256": file_sha256(opts["init_img"])}
+                else:
+                    result = txt2img(sd, prompt, seed=seed, callback=progress, **common)
+                    extra_img = {}
+            except NaNError as e:
+                bar.close()
+                print(f"ldm {args.command}: error: {e}", file=sys.stderr)
+                return 1
+            bar.close()
+            for i, image in enumerate(result.images):
+                params = {**result.image_params(i), **extra, **extra_img}
+                path = save_png(image, opts["outdir"], str(result.seeds[i]), params)
+                written.append(path)
+                all_images.append(image)
+                print(path)
+            seed = (seed + n) % 2 ** 32
+            batch += 1
+    if opts["grid"] and all_images:
+        from .images import make_grid
+
+        path = save_png(make_grid(all_images), opts["outdir"], "grid", {**result.image_params(0), **extra,
+                                                                        "grid": [str(p) for p in written]})
+        print(path)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -16,29 +321,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     sd = load(args.ckpt, config=args.config, prediction=args.prediction)
     cfg = sd.config
-    n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in
-                (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder))}
     print(f"architecture: {cfg.name}")
     print(f"prediction:   {cfg.prediction}")
     print(f"native size:  {cfg.image_size}x{cfg.image_size}")
     print(f"text encoder: {cfg.text.kind}, {cfg.text.layers} layers, width {cfg.text.width}, layer {cfg.text.layer}")
-    for name, n in n_params.items():
-        print(f"{name + ':':13} {n / 1e6:.1f} M parameters")
+    for name, m in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
+        print(f"{name + ':':13} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M parameters")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description="ldm: Stable Diffusion 1.x/2.x from scratch.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="examples:\n  ldm info v1-5-pruned-emaonly.safetensors")
-    parser.add_argument("--version", action="version", version=f"ldm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = sub.add_parser("info", help="show the architecture ldm detects in a checkpoint")
-    info.add_argument("ckpt", help="a single-file .safetensors or .ckpt checkpoint")
-    info.add_argument("--config", default=None, help="preset name or inference YAML (default: detect)")
-    info.add_argument("--prediction", choices=["eps", "v"], default=None, help="override eps/v detection")
-    info.set_defaults(func=cmd_info)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ldm {args.command}: interrupted; files written so far are complete", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

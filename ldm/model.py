@@ -74,6 +74,9 @@ class StableDiffusion(nn.Module):
         for name, value in schedule_buffers(s.num_timesteps, s.beta_start, s.beta_end, s.beta_schedule).items():
             self.register_buffer(name, value)
         self._tokenizer: CLIPTokenizer | None = None
+        # where the weights came from, for image metadata (set by `ldm.load`)
+        self.source_name: str = config.name
+        self.source_sha256: str | None = None
 
     # --- the three networks ------------------------------------------------------------------------------
     @property
@@ -125,6 +128,19 @@ class StableDiffusion(nn.Module):
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> Tensor:
         """Prompts -> conditioning (B, 77, D)."""
         return self.encode_tokens(self.tokenize(prompts), clip_skip=clip_skip)
+
+    # --- generation (see ldm.pipeline) ----------------------------------------------------------------------
+    def txt2img(self, prompt, **kwargs):
+        """Text to images; see `ldm.pipeline.txt2img` for the parameters. Returns a `Result`."""
+        from .pipeline import txt2img
+
+        return txt2img(self, prompt, **kwargs)
+
+    def img2img(self, image, prompt, **kwargs):
+        """Image and text to images; see `ldm.pipeline.img2img` for the parameters. Returns a `Result`."""
+        from .pipeline import img2img
+
+        return img2img(self, image, prompt, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config.name!r}, prediction={self.prediction!r}"

@@ -1,0 +1,224 @@
+"""Images in and out: tensor <-> PIL, PNG files with reproducible metadata, safe file naming.
+
+Every PNG carries two text chunks:
+- `parameters`: AUTOMATIC1111's infotext (prompt, `Negative prompt:`, then `Steps: .., Sampler: .., ...`), which
+  A1111, ComfyUI and most image browsers parse;
+- `ldm`: JSON with every parameter needed for an exact replay (`ldm txt2img --from-png`).
+
+Files are written atomically and never overwrite: the PNG is written to a temporary file in the output folder,
+then hard-linked to the first free name (a link fails if the name exists, so two writers cannot collide), and
+the temporary name is removed. An interrupted run leaves only complete files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import Tensor
+
+LDM_CHUNK = "ldm"
+A1111_CHUNK = "parameters"
+
+
+# --- tensors <-> PIL -----------------------------------------------------------------------------------------
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images (rounded to the nearest 8-bit value)."""
+    x = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
+
+
+def from_pil(image: Image.Image) -> Tensor:
+    """An RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(a).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file fully (so a truncated file fails here), as RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def fit_init_image(image: Image.Image, width: int | None, height: int | None, multiple: int = 8) -> Image.Image:
+    """img2img sizing: the image's own size rounded down to a multiple of 8 (a crop of at most 7 px at the right
+    and bottom), unless width/height ask for another size, in which case it is resized with Lanczos."""
+    if width is None and height is None:
+        w, h = image.width // multiple * multiple, image.height // multiple * multiple
+        if w == 0 or h == 0:
+            raise ValueError(f"init image is {image.width}x{image.height}; it must be at least {multiple}x{multiple}")
+        return image.crop((0, 0, w, h)) if (w, h) != image.size else image
+    w = width if width is not None else round(image.width * height / image.height / multiple) * multiple
+    h = height if height is not None else round(image.height * width / image.width / multiple) * multiple
+    return image.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images (all the size of the first) into a near-square grid, row by row."""
+    cols = cols or max(1, int(len(images) ** 0.5 + 0.999))
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# --- metadata ------------------------------------------------------------------------------------------------
+
+def infotext(p: dict[str, Any]) -> str:
+    """A1111's `parameters` text for one image."""
+    lines = [p.get("prompt", "")]
+    if p.get("negative_prompt"):
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    fields = [("Steps", p.get("steps")), ("Sampler", p.get("sampler_display")), ("Schedule type", p.get("schedule")),
+              ("CFG scale", p.get("guidance")), ("Seed", p.get("seed")),
+              ("Size", f"{p['width']}x{p['height']}" if "width" in p else None),
+              ("Model hash", (p.get("model_sha256") or "")[:10] or None), ("Model", p.get("model")),
+              ("Denoising strength", p.get("strength")), ("Clip skip", p.get("clip_skip") if p.get("clip_skip", 1) != 1 else None),
+              ("Version", f"ldm {p['version']}" if "version" in p else None)]
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None))
+    return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    """A1111 quotes a value that holds a separator, so that parsing splits it correctly."""
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+
+
+_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Parse A1111 infotext into {"prompt", "negative_prompt", "Steps", "Sampler", ...} (the way A1111 does)."""
+    lines = text.strip().split("\n")
+    last = lines.pop() if lines and _FIELD.match(lines[-1]) and "Steps:" in lines[-1] else ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for key, value in _FIELD.findall(last):
+        value = value.strip()
+        out[key.strip()] = json.loads(value) if value.startswith('"') else value
+    return out
+
+
+def read_png_params(path: str | Path) -> dict[str, Any]:
+    """The `ldm` replay parameters stored in a PNG written by ldm."""
+    image = load_image_raw(path)
+    text = image.info.get(LDM_CHUNK) if hasattr(image, "info") else None
+    if not text:
+        raise ValueError(f"{path} has no ldm metadata (was it written by ldm? A1111 infotext alone is not enough "
+                         "for an exact replay)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the ldm metadata is not valid JSON ({e})") from None
+
+
+def load_image_raw(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+def check_outdir(outdir: str | Path) -> Path:
+    """Create the output folder if needed and check that it is writable, before any work is done."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"output path {outdir} exists and is not a folder")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ldm-write-test-", dir=outdir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"output folder {outdir} is not writable ({e.strerror}); choose another with --outdir") from None
+    return outdir
+
+
+_NUMBERED = re.compile(r"^(\d{5})-")
+
+
+def next_index(outdir: Path) -> int:
+    """1 + the highest `NNNNN-` prefix in the folder (A1111's numbering)."""
+    indices = [int(m.group(1)) for p in outdir.iterdir() if (m := _NUMBERED.match(p.name))]
+    return max(indices, default=-1) + 1
+
+
+def save_png(image: Image.Image, outdir: str | Path, stem: str, params: dict[str, Any]) -> Path:
+    """Write `image` with both metadata chunks as `NNNNN-{stem}.png`, atomically, never overwriting."""
+    outdir = Path(outdir)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(A1111_CHUNK, infotext(params))
+    info.add_text(LDM_CHUNK, json.dumps(params, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=".ldm-", suffix=".png.tmp", dir=outdir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        index = next_index(outdir)
+        while True:
+            target = outdir / f"{index:05d}-{stem}.png"
+            try:
+                os.link(tmp, target)  # atomic, and fails if `target` exists: never overwrites
+                return target
+            except FileExistsError:
+                index += 1
+    finally:
+        os.unlink(tmp)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    """sha256 of a file, cached by (path, size, mtime) in ~/.cache/ldm/hashes.json (hashing 4 GB takes seconds)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    cache_file = Path(os.environ.get("LDM_CACHE", Path.home() / ".cache" / "ldm")) / "hashes.json"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    cache[key] = h.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only costs re-hashing next time
+    return cache[key]

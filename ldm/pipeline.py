@@ -1,0 +1,281 @@
+"""txt2img and img2img: text -> conditioning -> sampler over the UNet -> VAE decode.
+
+The pipeline only glues the pieces: `StableDiffusion` (networks), `denoisers.DiscreteDenoiser` (the UNet as
+D(x, σ)), `guidance.CFGDenoiser` (classifier-free guidance) and `samplers.sample` (the sampler loop).
+
+Seeds: image i of a call gets seed `seed + i` (AUTOMATIC1111's convention) and its own CPU generator, which draws
+its initial noise, its VAE posterior sample (img2img) and every ancestral/SDE noise of the sampler. So image i
+of a batch is bit-identical to the same seed generated alone, on any device.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import __version__
+from .denoisers import DiscreteDenoiser
+from .guidance import CFGDenoiser
+from .images import fit_init_image, from_pil, to_pil
+from .samplers import STOCHASTIC_SAMPLERS, generators_for, randn, resolve_sampler, sample
+from .schedules import alphas_cumprod_for
+
+StepCallback = Callable[[int, int, Tensor], None]
+MAX_SEED = 2 ** 32 - 1
+
+
+class NaNError(RuntimeError):
+    """The UNet produced NaN or Inf: usually fp16 overflow."""
+
+
+@dataclass
+class Result:
+    """The images of one call, each image's seed, and every parameter needed to make them again."""
+    images: list[Image.Image]
+    seeds: list[int]
+    prompts: list[str]
+    params: dict[str, Any]
+    latents: Tensor = field(repr=False)
+
+    def image_params(self, i: int) -> dict[str, Any]:
+        """The parameters that regenerate image i alone (its prompt and seed, batch size 1)."""
+        return {**self.params, "prompt": self.prompts[i], "seed": self.seeds[i]}
+
+
+def check_size(width: int, height: int, multiple: int = 8) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v < multiple or v % multiple:
+            lo = max(multiple, v // multiple * multiple)
+            raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {lo} or {lo + multiple}")
+
+
+def random_seed() -> int:
+    return random.SystemRandom().randrange(MAX_SEED)
+
+
+def _as_list(prompt: str | Sequence[str], batch_size: int) -> list[str]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    return [p for p in prompts for _ in range(batch_size)]
+
+
+def _negatives(negative_prompt: str | Sequence[str], n: int, per_prompt: int) -> list[str]:
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * n
+    negatives = list(negative_prompt)
+    if len(negatives) * per_prompt != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n // per_prompt} prompts")
+    return [p for p in negatives for _ in range(per_prompt)]
+
+
+def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guidance_rescale: float = 0.0) -> CFGDenoiser:
+    """The UNet as a guided denoiser D(x, σ) on the model's training schedule (float64)."""
+    unet = sd.unet
+
+    def model_fn(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        out = unet(x, t, context)
+        if not torch.isfinite(out).all():
+            raise NaNError("the UNet produced NaN/Inf values (fp16 overflow?). Try --precision fp32, or keep "
+                           "attention in fp32 (--attention with upcast / ldm.attention.set_backend(upcast=True))")
+        return out
+
+    base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction)
+    return CFGDenoiser(base, cond, uncond if guidance != 1.0 else None, guidance, guidance_rescale)
+
+
+class ImageByImage:
+    """A guided denoiser run one image at a time.
+
+    CPU convolutions (oneDNN) choose their blocking by batch size, so the same image computed in a batch of 4
+    and alone differ in the last bits. Running each image's [uncond, cond] pair as its own batch makes image i
+    of a batch bit-identical to the same seed generated alone. On CPU this costs little: convolutions at these
+    sizes are compute-bound, not batch-bound.
+    """
+
+    def __init__(self, denoisers: list[CFGDenoiser]):
+        self.denoisers = denoisers
+
+    @property
+    def log_sigmas(self) -> Tensor:
+        return self.denoisers[0].log_sigmas
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return torch.cat([d(x[i:i + 1], sigma[i:i + 1]) for i, d in enumerate(self.denoisers)])
+
+
+@torch.no_grad()
+def decode(sd, latents: Tensor, nan_fallback: bool = True, image_by_image: bool = False) -> Tensor:
+    """Scaled latents -> images in [-1, 1], one image at a time if asked (batch invariance, less memory)."""
+    if image_by_image and latents.shape[0] > 1:
+        return torch.cat([decode(sd, z[None], nan_fallback) for z in latents])
+    return _decode(sd, latents, nan_fallback)
+
+
+def _decode(sd, latents: Tensor, nan_fallback: bool) -> Tensor:
+    """Scaled latents -> images in [-1, 1]. If a half-precision decode gives NaN/Inf, decode again in fp32 (as
+    A1111 does) with a one-line warning."""
+    images = sd.vae.decode(latents / sd.scale_factor)
+    if nan_fallback and sd.vae.post_quant_conv.weight.dtype != torch.float32 and not torch.isfinite(images).all():
+        warnings.warn("VAE decode produced NaN/Inf in half precision; decoding again in fp32", stacklevel=2)
+        vae_dtype = sd.vae.post_quant_conv.weight.dtype
+        sd.vae.float()
+        try:
+            images = sd.vae.decode(latents.float() / sd.scale_factor)
+        finally:
+            sd.vae.to(vae_dtype)
+    return images.float().clamp(-1, 1)
+
+
+@torch.no_grad()
+def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidance: float, sampler: str,
+             schedule: str | None, width: int, height: int, seeds: list[int], clip_skip: int = 1,
+             eta: float | None = None, guidance_rescale: float = 0.0, init_latents: Tensor | None = None,
+             strength: float = 1.0, noise: Tensor | None = None, callback: StepCallback | None = None,
+             image_by_image: bool = True) -> Tensor:
+    """The core shared by txt2img and img2img: returns the final scaled latents (B, 4, h, w).
+
+    `noise` is the unit-variance starting noise (default: drawn from each image's generator); `init_latents`
+    (img2img) are the scaled clean latents to noise to the level `strength` selects. `image_by_image` runs the
+    UNet on one image's guidance pair at a time (see `ImageByImage`)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if guidance < 0:
+        raise ValueError(f"guidance scale must be >= 0, got {guidance}")
+    if init_latents is not None and int(strength * steps) < 1:
+        raise ValueError(f"strength {strength} with {steps} steps runs no step (int(strength * steps) = 0); "
+                         "raise the strength or the number of steps")
+    check_size(width, height, sd.config.vae.downsample_factor)
+    name, _ = resolve_sampler(sampler)
+    f = sd.config.vae.downsample_factor
+    shape = (sd.config.unet.in_channels, height // f, width // f)
+    generators = generators_for(seeds)
+    if noise is None:
+        noise = randn(shape, generators, device=sd.device)
+    elif tuple(noise.shape) != (len(prompts), *shape):
+        raise ValueError(f"latents must have shape {(len(prompts), *shape)}, got {tuple(noise.shape)}")
+    cond = sd.encode_prompt(prompts, clip_skip=clip_skip)
+    uncond = sd.encode_prompt(negatives, clip_skip=clip_skip) if guidance != 1.0 else None
+    if image_by_image and len(prompts) > 1:
+        denoiser = ImageByImage([make_denoiser(sd, cond[i:i + 1], None if uncond is None else uncond[i:i + 1],
+                                               guidance, guidance_rescale) for i in range(len(prompts))])
+    else:
+        denoiser = make_denoiser(sd, cond, uncond, guidance, guidance_rescale)
+
+    def on_step(info: dict) -> None:
+        if callback is not None:
+            callback(info["i"] + 1, info["total"], info["x"])
+
+    return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps, schedule=schedule,
+                  eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
+                  init_latent=init_latents, strength=strength, callback=on_step)
+
+
+def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,
+            height: int, negative_prompt: Any, clip_skip: int, eta: float | None, guidance_rescale: float,
+            extra: dict[str, Any]) -> dict[str, Any]:
+    name, alias_schedule = resolve_sampler(sampler)
+    schedule = schedule or alias_schedule or "discrete"
+    display = {"karras": " Karras", "exponential": " Exponential"}.get(schedule, "")
+    return {
+        "mode": mode, "sampler": name, "schedule": schedule, "sampler_display": _display(name) + display,
+        "steps": steps, "guidance": guidance, "width": width, "height": height,
+        "negative_prompt": negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt),
+        "clip_skip": clip_skip, "eta": eta, "guidance_rescale": guidance_rescale,
+        "model": getattr(sd, "source_name", sd.config.name), "model_sha256": getattr(sd, "source_sha256", None),
+        "prediction": sd.prediction, "dtype": str(sd.dtype).replace("torch.", ""), "device": str(sd.device),
+        "version": __version__, **extra,
+    }
+
+
+def _display(name: str) -> str:
+    from .samplers import _DISPLAY_NAMES
+
+    return {v: k for k, v in _DISPLAY_NAMES.items()}.get(name, name)
+
+
+def _batch_invariant(sd, flag: bool | None) -> bool:
+    return sd.device.type == "cpu" if flag is None else flag
+
+
+def _seeds(seed: int | None, n: int) -> list[int]:
+    seed = random_seed() if seed is None else int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "", steps: int = 30,
+            guidance: float = 7.5, sampler: str = "dpmpp_2m", schedule: str | None = "karras",
+            width: int | None = None, height: int | None = None, seed: int | None = None, batch_size: int = 1,
+            latents: Tensor | None = None, clip_skip: int = 1, eta: float | None = None,
+            guidance_rescale: float = 0.0, callback: StepCallback | None = None,
+            batch_invariant: bool | None = None) -> Result:
+    """Generate images from text. `prompt` may be a list (one image per prompt, times `batch_size`); image i gets
+    seed `seed + i`. `latents` (B, 4, h, w) replaces the initial unit-variance noise. `batch_invariant` (default:
+    on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit."""
+    width = width or sd.config.image_size
+    height = height or sd.config.image_size
+    prompts = _as_list(prompt, batch_size)
+    negatives = _negatives(negative_prompt, len(prompts), batch_size)
+    seeds = _seeds(seed, len(prompts))
+    out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                   width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
+                   guidance_rescale=guidance_rescale, noise=latents, callback=callback,
+                   image_by_image=_batch_invariant(sd, batch_invariant))
+    params = _params(sd, mode="txt2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
+                     width=width, height=height, negative_prompt=negative_prompt, clip_skip=clip_skip, eta=eta,
+                     guidance_rescale=guidance_rescale, extra={})
+    params["batch_invariant"] = _batch_invariant(sd, batch_invariant)
+    return Result(to_pil(decode(sd, out, image_by_image=params["batch_invariant"])), seeds, prompts, params, out)
+
+
+def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, strength: float = 0.75,
+            negative_prompt: str | Sequence[str] = "", steps: int = 30, guidance: float = 7.5,
+            sampler: str = "dpmpp_2m", schedule: str | None = "karras", width: int | None = None,
+            height: int | None = None, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+            eta: float | None = None, guidance_rescale: float = 0.0, callback: StepCallback | None = None,
+            batch_invariant: bool | None = None) -> Result:
+    """Re-imagine `image`: encode it, noise it to the level set by `strength` and sample from there.
+
+    The sampler runs the last int(strength * steps) steps of the schedule (CompVis); strength 1 starts from
+    pure noise at σ_max, like txt2img. An image is taken at its own size rounded down to a multiple of 8 unless
+    width/height ask for another size (resized with Lanczos). A tensor image is (3, H, W) or (1, 3, H, W) in [-1, 1].
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if isinstance(image, Image.Image):
+        image = fit_init_image(image, width, height, sd.config.vae.downsample_factor)
+        pixels = from_pil(image)
+    else:
+        pixels = image[None] if image.ndim == 3 else image
+        if pixels.shape[0] != 1:
+            raise ValueError(f"img2img takes one init image, got a batch of {pixels.shape[0]}")
+    height, width = pixels.shape[-2:]
+    prompts = _as_list(prompt, batch_size)
+    negatives = _negatives(negative_prompt, len(prompts), batch_size)
+    seeds = _seeds(seed, len(prompts))
+    generators = generators_for(seeds)
+    with torch.no_grad():
+        posterior = sd.vae.encode(pixels.to(sd.device))
+    # image i's posterior sample, then its starting noise, both from its own generator
+    eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
+    init = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor
+    noise = randn(init.shape[1:], generators, device=sd.device)
+    out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                   width=int(width), height=int(height), seeds=seeds, clip_skip=clip_skip, eta=eta,
+                   guidance_rescale=guidance_rescale, init_latents=init, strength=strength, noise=noise,
+                   callback=callback, image_by_image=_batch_invariant(sd, batch_invariant))
+    params = _params(sd, mode="img2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
+                     width=int(width), height=int(height), negative_prompt=negative_prompt, clip_skip=clip_skip,
+                     eta=eta, guidance_rescale=guidance_rescale, extra={"strength": strength})
+    params["batch_invariant"] = _batch_invariant(sd, batch_invariant)
+    return Result(to_pil(decode(sd, out, image_by_image=params["batch_invariant"])), seeds, prompts, params, out)
