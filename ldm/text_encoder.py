@@ -33,8 +33,8 @@ def hf_clip_config(cfg: TextEncoderConfig) -> CLIPTextConfig:
 
 
 class TextModelHolder(nn.Module):
-    """Puts the CLIPTextModel at `transformer.text_model`, the path of the original checkpoint keys
-    (transformers 4 nested it there itself; transformers 5 puts its layers at the top level)."""
+    """Puts a transformers-5 CLIPTextModel at `transformer.text_model`, the path of the original checkpoint keys.
+    (transformers 4's CLIPTextModel nests its layers under `.text_model` itself and needs no holder.)"""
 
     def __init__(self, text_model: CLIPTextModel):
         super().__init__()
@@ -47,7 +47,8 @@ class FrozenCLIPEmbedder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.transformer = TextModelHolder(CLIPTextModel(hf_clip_config(cfg)))
+        model = CLIPTextModel(hf_clip_config(cfg))
+        self.transformer = model if hasattr(model, "text_model") else TextModelHolder(model)
         # The original checkpoints store `embeddings.position_ids`; transformers keeps it as a non-persistent
         # buffer. Registering it as persistent makes our state_dict the checkpoint's key set exactly.
         emb = self.transformer.text_model.embeddings

@@ -37,7 +37,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input dtype, as the original (a no-op in fp32)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        # weight and bias too: CPU group_norm rejects an fp32 input with bf16/fp16 parameters
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
 def normalization(channels: int, groups: int, eps: float = 1e-5) -> nn.GroupNorm:
