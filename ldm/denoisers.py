@@ -128,14 +128,19 @@ class GaussianMixtureDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: object = None) -> Tensor:
         dtype = _compute_dtype(x.dtype)
-        xk = x.to(dtype).unsqueeze(-1)                                    # (..., 1) against K components
-        s2 = append_dims(sigma.to(x.device, dtype), x.ndim).unsqueeze(-1) ** 2
-        mu, var0 = self.means.to(x.device, dtype), self.stds.to(x.device, dtype) ** 2
-        var = var0 + s2                                                   # marginal variance per component
-        log_p = self.log_weights.to(x.device, dtype) - 0.5 * ((xk - mu) ** 2 / var + var.log())
-        post = torch.softmax(log_p, dim=-1)                               # posterior component weights
-        x0_k = mu + var0 / var * (xk - mu)
-        return (post * x0_k).sum(-1).to(x.dtype)
+        x_ = x.to(dtype)
+        s2 = append_dims(sigma.to(x.device, dtype), x.ndim) ** 2
+        # Elementwise over the (few) components, so that no reduction mixes elements or images.
+        log_p, x0 = [], []
+        for log_w, mu, s in zip(self.log_weights.tolist(), self.means.tolist(), self.stds.tolist()):
+            var = s * s + s2                                                # marginal variance of component k
+            log_p.append(log_w - 0.5 * ((x_ - mu) ** 2 / var + var.log()))
+            x0.append(mu + (s * s) / var * (x_ - mu))                       # E[x_0 | x, k]
+        top = log_p[0]
+        for lp in log_p[1:]:
+            top = torch.maximum(top, lp)
+        post = [(lp - top).exp() for lp in log_p]                           # unnormalised posterior weights
+        return (sum(w * m for w, m in zip(post, x0)) / sum(post)).to(x.dtype)
 
     def gaussian_ode_solution(self, x: Tensor, sigma_from: float, sigma_to: float) -> Tensor:
         """Exact probability-flow ODE solution from σ = `sigma_from` to `sigma_to` (one component only)."""

@@ -2,7 +2,7 @@
 
 Guidance is linear in the model output, so mixing the unconditional and conditional x_0 predictions,
 
-    D̃ = D(x, σ | ∅) + w (D(x, σ | c) - D(x, σ | ∅))                         (Ho & Salimans eq. 6)
+    D̃ = D(x, σ | ∅) + s (D(x, σ | c) - D(x, σ | ∅))       (Ho & Salimans eq. 6, with scale s = 1 + w)
 
 gives the same sample as mixing ε or v predictions, whichever the network makes. The optional rescale of Lin et
 al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.4) is not linear; it is applied to

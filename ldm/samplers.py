@@ -142,10 +142,11 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 0
 def sample_plms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
                 callback: Callback | None = None) -> Tensor:
     """PLMS, the pseudo linear multistep method of Liu et al. 2022 ("Pseudo Numerical Methods for Diffusion
-    Models on Manifolds"), eq. (12), as in CompVis `PLMSSampler` and diffusers' PNDMScheduler(skip_prk_steps=True):
-    Adams–Bashforth combinations (orders 2, 3, 4) of the last ε predictions, each applied with the DDIM transfer
-    φ of eq. (9). The first step is a pseudo improved Euler step, which evaluates the model once more. In VE
-    variables ε̂ = d and the transfer is x + (σ_next - σ) ε̂."""
+    Models on Manifolds", §3), as in CompVis `PLMSSampler` and diffusers' PNDMScheduler(skip_prk_steps=True):
+    fixed-step Adams–Bashforth combinations (orders 2, 3, 4) of the last ε predictions, each applied with the
+    DDIM transfer. The first step is a pseudo improved Euler step, which evaluates the model once more. In VE
+    variables ε̂ = d and the transfer is x + (σ_next - σ) ε̂. The fixed weights assume steps uniform in σ; on
+    SD's grids the method is second order."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     old_eps: list[Tensor] = []
     for i in range(len(s) - 1):
@@ -384,8 +385,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0,
                         solver_type: str = "midpoint", generators: Sequence[torch.Generator] | None = None,
                         extra_args: dict | None = None, callback: Callback | None = None) -> Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, "DPM-Solver++", the second-order multistep solver of the
-    diffusion SDE in §5; k-diffusion `sample_dpmpp_2m_sde`, diffusers `algorithm_type="sde-dpmsolver++"`).
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, "DPM-Solver++": DPM-Solver++(2M) for the diffusion SDE, whose
+    exponential integrator weights become 1 - e^{-2h}; k-diffusion `sample_dpmpp_2m_sde`, diffusers
+    `algorithm_type="sde-dpmsolver++"`).
     η scales the injected noise: η = 0 is the ODE solver DPM-Solver++(2M) in exponential form. k-diffusion
     draws the noise from a Brownian tree; over disjoint steps its increments are independent normals, which is
     what the per-image generators give."""
@@ -419,11 +421,16 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
 def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0,
                         generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None,
                         callback: Callback | None = None) -> Tensor:
-    """SDE-DPM-Solver++(3M) (Lu et al. 2022b, "DPM-Solver++", the third-order multistep solver of Appendix B
-    with the SDE weights of §5; k-diffusion `sample_dpmpp_3m_sde`). η = 0 is DPM-Solver++(3M). Deviation from
-    diffusers: for η > 0 its third-order update carries the wrong sign on the constant in the D2 weight
-    (((1 - e^{-2h} - 2h) / (2h)^2 - 0.5) instead of + 0.5); this follows k-diffusion, whose weight is the
-    exact integral."""
+    """SDE-DPM-Solver++(3M) (the third-order multistep DPM-Solver++ of Lu et al. 2022b with SDE weights;
+    k-diffusion `sample_dpmpp_3m_sde`). η = 0 is DPM-Solver++(3M); diffusers' DPMSolverMultistepScheduler
+    (order 3, `solver_type="heun"`) matches it.
+
+    Deviations, both kept for compatibility with k-diffusion/A1111 images:
+    - diffusers' order-3 "sde-dpmsolver++" update has the wrong sign on the constant of its D2 weight
+      ((1 - e^{-2h} - 2h) / (2h)² - 1/2 where the integral gives + 1/2); this follows k-diffusion.
+    - The D2 term is half the exact one: D2 = (D1_0 - D1_1) / (r0 + r1) ≈ h² x̂_0'' / 2 while φ_3 integrates
+      h² x̂_0''. Each step then errs by h³ x̂_0'' / 12 and the method is second order, not third (measured in
+      tests/test_samplers.py; doubling the D2 term gives order 3)."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     _check_generators("dpmpp_3m_sde", x, generators, needed=eta > 0 and len(s) > 1)
     denoised_1 = denoised_2 = None
