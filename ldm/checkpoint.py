@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -92,24 +93,32 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     metadata: dict[str, str] = {}
     tensors: dict[str, Tensor] = {}
     if fmt == "safetensors":
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                for key in f.keys():
-                    tensors[key] = _cast(key, f.get_tensor(key), dtype)
+            # Tensors that keep their dtype stay memory-mapped views of the file (no copy). Tensors to be cast are
+            # read into memory first: mapped pages of the file would stay resident until the last view is gone,
+            # so casting from the mapping would add the file's size to the peak memory.
+            with _safe_open(path, "mmap") as mapped, _safe_open(path, "pread") as read:
+                metadata = dict(mapped.metadata() or {})
+                for key in mapped.keys():
+                    t = mapped.get_tensor(key)  # a view: no page of the file is read yet
+                    tensors[key] = t if not _needs_cast(key, t, dtype) else _cast(key, read.get_tensor(key), dtype)
         except (SafetensorError, json.JSONDecodeError, RuntimeError) as e:
             raise CheckpointError(f"{path} is a corrupt safetensors file ({e}). Download it again.") from None
         return tensors, metadata
     try:
         with torch.serialization.safe_globals(_SAFE_STUBS):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+            obj = _torch_load(path, fmt)
     except Exception as e:  # noqa: BLE001 - any failure of the restricted unpickler means "refused"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "global" in str(e).lower():
+            # torch's message advises `weights_only=False` or allow-listing, i.e. running the payload; name only
+            # the offending global.
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            why = f"it asks for {found.group(1)}" if found else "unsupported pickle data"
             raise CheckpointError(
-                f"refused to load {path}: its pickle needs Python objects beyond plain tensors ({msg}). ldm never "
+                f"refused to load {path}: its pickle needs Python objects beyond plain tensors ({why}). ldm never "
                 "runs code from a checkpoint. Use the .safetensors version of this model.") from None
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({msg})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -124,11 +133,33 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     return tensors, metadata
 
 
+def _torch_load(path: Path, fmt: str) -> Any:
+    """`torch.load` through the restricted unpickler, memory-mapped when the file is a zip archive."""
+    if path.suffix != ".safetensors":
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+    # torch.load reads any *path* ending in .safetensors as safetensors, whatever its bytes; a file object avoids
+    # that, at the cost of mmap, which needs a path.
+    with open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _safe_open(path: Path, backend: str):
+    """safetensors' reader; `backend="pread"` reads each tensor into its own memory (safetensors >= 0.8)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend=backend)
+    except TypeError:  # an older safetensors: memory-mapped only
+        return safe_open(str(path), framework="pt", device="cpu")
+
+
+def _needs_cast(key: str, t: Tensor, dtype: torch.dtype | None) -> bool:
+    """Floating tensors go to `dtype`; the schedule buffers keep the dtype they are stored in (fp32 in real files)."""
+    return dtype is not None and key not in SCHEDULE_BUFFERS and t.is_floating_point() and t.dtype != dtype
+
+
 def _cast(key: str, t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """Floating tensors to `dtype`; the schedule buffers keep the dtype they are stored in (fp32 in real files)."""
-    if dtype is None or key in SCHEDULE_BUFFERS or not t.is_floating_point() or t.dtype == dtype:
-        return t
-    return t.to(dtype)
+    return t.to(dtype) if _needs_cast(key, t, dtype) else t
 
 
 # --- architecture detection -------------------------------------------------------------------------------------
@@ -215,6 +246,7 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         cfg = cfg.replace(prediction=prediction)
     model = build_and_adopt(cfg, tensors, source=str(path))
+    model.source_name = Path(path).stem
     model.to(device)
     if probe:
         is_v = probe_v_prediction(model)
@@ -304,6 +336,9 @@ def save(model: StableDiffusion, path: str | Path, *, dtype: torch.dtype | None 
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a saved model is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
