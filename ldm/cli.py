@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -339,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
+        with warnings.catch_warnings():
+            # one line per warning (e.g. the fp16 VAE fallback), without the file, line and source of ldm's code
+            warnings.showwarning = lambda message, *_, **__: print(f"ldm {args.command}: warning: {message}",
+                                                                   file=sys.stderr)
+            return args.func(args)
+    except (UsageError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. a file it may not read
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

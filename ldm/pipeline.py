@@ -23,7 +23,7 @@ from . import __version__
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
-from .samplers import STOCHASTIC_SAMPLERS, generators_for, randn, resolve_sampler, sample
+from .samplers import DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, generators_for, randn, resolve_sampler, sample
 from .schedules import alphas_cumprod_for
 
 StepCallback = Callable[[int, int, Tensor], None]
@@ -75,6 +75,16 @@ def _negatives(negative_prompt: str | Sequence[str], n: int, per_prompt: int) ->
     if len(negatives) * per_prompt != n:
         raise ValueError(f"got {len(negatives)} negative prompts for {n // per_prompt} prompts")
     return [p for p in negatives for _ in range(per_prompt)]
+
+
+def resolve_schedule(sampler: str, schedule: str | None) -> str:
+    """The σ schedule a call runs on. ddim, plms and ddpm always run on their own discrete timestep grid (CompVis,
+    diffusers and A1111 offer no "DDIM Karras"); an A1111 name that carries a schedule ("DPM++ 2M Exponential")
+    wins over `schedule`; otherwise `schedule`, "discrete" when None."""
+    name, alias_schedule = resolve_sampler(sampler)
+    if name in DISCRETE_SAMPLERS:
+        return "discrete"
+    return alias_schedule or schedule or "discrete"
 
 
 def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guidance_rescale: float = 0.0) -> CFGDenoiser:
@@ -140,12 +150,14 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
              schedule: str | None, width: int, height: int, seeds: list[int], clip_skip: int = 1,
              eta: float | None = None, guidance_rescale: float = 0.0, init_latents: Tensor | None = None,
              strength: float = 1.0, noise: Tensor | None = None, callback: StepCallback | None = None,
-             image_by_image: bool = True) -> Tensor:
+             image_by_image: bool = True, generators: list[torch.Generator] | None = None) -> Tensor:
     """The core shared by txt2img and img2img: returns the final scaled latents (B, 4, h, w).
 
     `noise` is the unit-variance starting noise (default: drawn from each image's generator); `init_latents`
     (img2img) are the scaled clean latents to noise to the level `strength` selects. `image_by_image` runs the
-    UNet on one image's guidance pair at a time (see `ImageByImage`)."""
+    UNet on one image's guidance pair at a time (see `ImageByImage`). `generators` (default: fresh ones from
+    `seeds`) must be the ones that drew `noise`, so that the sampler's own noise continues their streams
+    instead of repeating the draws already used."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if guidance < 0:
@@ -157,7 +169,7 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
     name, _ = resolve_sampler(sampler)
     f = sd.config.vae.downsample_factor
     shape = (sd.config.unet.in_channels, height // f, width // f)
-    generators = generators_for(seeds)
+    generators = generators if generators is not None else generators_for(seeds)
     if noise is None:
         noise = randn(shape, generators, device=sd.device)
     elif tuple(noise.shape) != (len(prompts), *shape):
@@ -174,7 +186,8 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
         if callback is not None:
             callback(info["i"] + 1, info["total"], info["x"])
 
-    return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps, schedule=schedule,
+    return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
+                  schedule=resolve_schedule(sampler, schedule),
                   eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
                   init_latent=init_latents, strength=strength, callback=on_step)
 
@@ -182,8 +195,8 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
 def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,
             height: int, negative_prompt: Any, clip_skip: int, eta: float | None, guidance_rescale: float,
             extra: dict[str, Any]) -> dict[str, Any]:
-    name, alias_schedule = resolve_sampler(sampler)
-    schedule = schedule or alias_schedule or "discrete"
+    name, _ = resolve_sampler(sampler)
+    schedule = resolve_schedule(sampler, schedule)
     display = {"karras": " Karras", "exponential": " Exponential"}.get(schedule, "")
     return {
         "mode": mode, "sampler": name, "schedule": schedule, "sampler_display": _display(name) + display,
@@ -220,7 +233,8 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
             guidance_rescale: float = 0.0, callback: StepCallback | None = None,
             batch_invariant: bool | None = None) -> Result:
     """Generate images from text. `prompt` may be a list (one image per prompt, times `batch_size`); image i gets
-    seed `seed + i`. `latents` (B, 4, h, w) replaces the initial unit-variance noise. `batch_invariant` (default:
+    seed `seed + i`. `latents` (B, 4, h, w) replaces the initial unit-variance noise. `schedule` is the σ schedule
+    of the k-samplers (see `resolve_schedule`: ddim/plms/ddpm keep their discrete grid). `batch_invariant` (default:
     on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit."""
     width = width or sd.config.image_size
     height = height or sd.config.image_size
@@ -273,7 +287,7 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
     out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                    width=int(width), height=int(height), seeds=seeds, clip_skip=clip_skip, eta=eta,
                    guidance_rescale=guidance_rescale, init_latents=init, strength=strength, noise=noise,
-                   callback=callback, image_by_image=_batch_invariant(sd, batch_invariant))
+                   callback=callback, image_by_image=_batch_invariant(sd, batch_invariant), generators=generators)
     params = _params(sd, mode="img2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                      width=int(width), height=int(height), negative_prompt=negative_prompt, clip_skip=clip_skip,
                      eta=eta, guidance_rescale=guidance_rescale, extra={"strength": strength})
