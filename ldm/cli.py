@@ -129,7 +129,11 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if "from_png" in given:
         from .images import read_png_params
 
-        stored = png_to_options(read_png_params(given["from_png"]))
+        png = read_png_params(given["from_png"])
+        made_by = png.get("mode", "txt2img")
+        if made_by != args.command:
+            raise UsageError(f"{given['from_png']} was made by {made_by}; replay it with `ldm {made_by} --from-png`")
+        stored = png_to_options(png)
     opts = {**GEN_DEFAULTS, **stored, **given}
     opts["img2img"] = args.command == "img2img"
     if "prompt_pos" in given and "prompt" in given:

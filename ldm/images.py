@@ -150,17 +150,18 @@ def load_image_raw(path: str | Path) -> Image.Image:
 # --- writing -------------------------------------------------------------------------------------------------
 
 def check_outdir(outdir: str | Path) -> Path:
-    """Create the output folder if needed and check that it is writable, before any work is done."""
+    """Check, before any work is done, that the output folder exists and is writable or can be created; nothing
+    is created here (`save_png` creates it with the first image), so a run that fails leaves no empty folder."""
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise ValueError(f"output path {outdir} exists and is not a folder")
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ldm-write-test-", dir=outdir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"output folder {outdir} is not writable ({e.strerror}); choose another with --outdir") from None
+        raise ValueError(f"output path {outdir} exists and is not a folder; choose another with --outdir")
+    existing = outdir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output folder {outdir} is not writable: {existing} is a file; choose another with --outdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {outdir} is not writable; choose another with --outdir")
     return outdir
 
 
@@ -176,6 +177,7 @@ def next_index(outdir: Path) -> int:
 def save_png(image: Image.Image, outdir: str | Path, stem: str, params: dict[str, Any]) -> Path:
     """Write `image` with both metadata chunks as `NNNNN-{stem}.png`, atomically, never overwriting."""
     outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text(A1111_CHUNK, infotext(params))
     info.add_text(LDM_CHUNK, json.dumps(params, sort_keys=True))

@@ -472,3 +472,22 @@ def test_bad_input_end_to_end_in_a_subprocess(ckpt, tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["ldm txt2img: error: --width 100 is not a multiple of 8; use 96 or 104"]
     assert not out.exists()
+
+
+def test_from_png_of_the_other_mode_is_a_usage_error(capsys, ckpt, tmp_path, init_png):
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "img2img", "--ckpt", str(ckpt), "a green square", "--init-img", str(init_png),
+                     "--steps", "4", "--strength", "0.5", "--seed", "3", "--outdir", str(out), "--quiet")
+    assert code == 0
+    code, _, stderr = run(capsys, "txt2img", "--from-png", str(pngs(out)[0]), "--outdir", str(tmp_path / "replay"))
+    assert code == 2 and "ldm img2img --from-png" in stderr
+    assert not (tmp_path / "replay").exists()
+
+
+def test_a_failure_after_loading_leaves_no_empty_output_folder(capsys, ckpt, tmp_path):
+    # --eta is checked against the sampler only once the model is loaded
+    out = tmp_path / "new" / "folder"
+    code, _, stderr = run(capsys, "txt2img", "--ckpt", str(ckpt), "x", "--sampler", "dpmpp_2m", "--eta", "0.5",
+                          "--outdir", str(out), "--quiet")
+    assert code == 2 and "eta" in stderr
+    assert not (tmp_path / "new").exists()
