@@ -305,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--dtypes", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
     load.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     load.set_defaults(func=cmd_load)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_train  # noqa: E402  (tools/bench_train.py: the `train` subcommand)
+
+    bench_train.add_subcommand(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
