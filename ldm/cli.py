@@ -335,6 +335,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_standalone(command: str, add_subcommand, argv: list[str] | None = None) -> int:
+    """`python -m ldm.MODULE ARGS` for a subcommand module: the same parser and error handling as `ldm COMMAND`."""
+    parser = argparse.ArgumentParser(prog=f"python -m ldm.{command.replace('-', '_')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommand(sub)
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, OSError) as e:
+        print(f"ldm {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 

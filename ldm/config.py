@@ -170,18 +170,25 @@ def preset(name: str) -> ModelConfig:
 
 # --- YAML ----------------------------------------------------------------------------------------------
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read ldm's own YAML (`preset:` plus overrides, or a full config) or an original CompVis/Stability
-    inference YAML (`model: target: ...LatentDiffusion`)."""
+def read_yaml_mapping(path: str | Path, what: str = "YAML file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, read as data (safe_load), with readable errors."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read ldm's own YAML (`preset:` plus overrides, or a full config) or an original CompVis/Stability
+    inference YAML (`model: target: ...LatentDiffusion`)."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "config file")
     if "model" in data and isinstance(data["model"], dict) and "params" in data["model"]:
         return from_compvis(data, name=path.stem)
     if "preset" in data:

@@ -80,15 +80,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.export")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_subcommand(sub)
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ldm export: error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_standalone
+
+    return run_standalone("export", add_subcommand, argv)
 
 
 if __name__ == "__main__":

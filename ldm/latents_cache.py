@@ -234,15 +234,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.latents_cache")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_subcommand(sub)
-    args = parser.parse_args(["cache-latents", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ldm cache-latents: error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_standalone
+
+    return run_standalone("cache-latents", add_subcommand, argv)
 
 
 if __name__ == "__main__":

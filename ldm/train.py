@@ -40,6 +40,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from .config import read_yaml_mapping
 from .data.folder import Batch, DataConfig, open_stream
 from .ema import EMA
 from .model import StableDiffusion
@@ -135,15 +136,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), base: 
     """A YAML file (or `base`) plus `a.b=value` overrides (values parsed as YAML), checked key by key."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"training config not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        data.update(loaded)
+        data.update(read_yaml_mapping(path, "training config"))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -6,3 +6,17 @@ from pathlib import Path
 for path in (Path(__file__).parent, Path(__file__).parents[1]):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine OpenMP's spinning threads make a 0.03 s
+    generation take seconds. Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,8 @@ FAST = ["--W", "64", "--H", "64", "--steps", "3"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from more threads, and on a busy machine OpenMP's spinning threads make a
-    0.05 s generation take seconds. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """The tiny models run on one thread (see conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="session")

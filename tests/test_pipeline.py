@@ -32,13 +32,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from more threads, and on a busy machine OpenMP's spinning threads make a
-    0.03 s generation take seconds. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """The tiny models run on one thread (see conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
