@@ -23,7 +23,8 @@ from . import __version__
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
-from .samplers import DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, generators_for, randn, resolve_sampler, sample
+from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
+                       resolve_sampler, sample)
 from .schedules import alphas_cumprod_for
 
 StepCallback = Callable[[int, int, Tensor], None]
@@ -95,7 +96,7 @@ def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guid
         out = unet(x, t, context)
         if not torch.isfinite(out).all():
             raise NaNError("the UNet produced NaN/Inf values (fp16 overflow?). Try --precision fp32, or keep "
-                           "attention in fp32 (--attention with upcast / ldm.attention.set_backend(upcast=True))")
+                           "attention in fp32 (--upcast-attention, or ldm.attention.set_backend(upcast=True))")
         return out
 
     base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction)
@@ -199,7 +200,7 @@ def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, gu
     schedule = resolve_schedule(sampler, schedule)
     display = {"karras": " Karras", "exponential": " Exponential"}.get(schedule, "")
     return {
-        "mode": mode, "sampler": name, "schedule": schedule, "sampler_display": _display(name) + display,
+        "mode": mode, "sampler": name, "schedule": schedule, "sampler_display": display_name(name) + display,
         "steps": steps, "guidance": guidance, "width": width, "height": height,
         "negative_prompt": negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt),
         "clip_skip": clip_skip, "eta": eta, "guidance_rescale": guidance_rescale,
@@ -207,12 +208,6 @@ def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, gu
         "prediction": sd.prediction, "dtype": str(sd.dtype).replace("torch.", ""), "device": str(sd.device),
         "version": __version__, **extra,
     }
-
-
-def _display(name: str) -> str:
-    from .samplers import _DISPLAY_NAMES
-
-    return {v: k for k, v in _DISPLAY_NAMES.items()}.get(name, name)
 
 
 def _batch_invariant(sd, flag: bool | None) -> bool:
@@ -260,8 +255,9 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
             batch_invariant: bool | None = None) -> Result:
     """Re-imagine `image`: encode it, noise it to the level set by `strength` and sample from there.
 
-    The sampler runs the last int(strength * steps) steps of the schedule (CompVis); strength 1 starts from
-    pure noise at σ_max, like txt2img. An image is taken at its own size rounded down to a multiple of 8 unless
+    The sampler runs the last int(strength * steps) steps of the schedule (CompVis), starting from the image's
+    latent noised to the level of the first step it runs (as diffusers). Strength 1 runs every step from
+    x_0 + σ_max ε, so the image keeps a small weight (1 / σ_max ≈ 0.07), as in CompVis, diffusers and A1111. An image is taken at its own size rounded down to a multiple of 8 unless
     width/height ask for another size (resized with Lanczos). A tensor image is (3, H, W) or (1, 3, H, W) in [-1, 1].
     """
     if not 0.0 < strength <= 1.0:

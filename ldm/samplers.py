@@ -475,7 +475,7 @@ ETA_SAMPLERS = frozenset({"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde"
 STOCHASTIC_SAMPLERS = ETA_SAMPLERS | {"ddpm"}              # the ones that take `generators`
 
 # A1111 display names; the k-samplers also accept " Karras" and " Exponential" suffixes.
-_DISPLAY_NAMES = {
+DISPLAY_NAMES = {
     "DDPM": "ddpm", "DDIM": "ddim", "PLMS": "plms", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun",
     "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms", "DPM++ 2S a": "dpmpp_2s_a", "DPM++ SDE": "dpmpp_sde",
     "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde", "DPM++ 3M SDE": "dpmpp_3m_sde",
@@ -488,7 +488,7 @@ _KDIFFUSION_NAMES = {"euler_ancestral": "euler_a", "dpm_2": "dpm2", "dpm_2_ances
 def _build_aliases() -> dict[str, tuple[str, str | None]]:
     table: dict[str, tuple[str, str | None]] = {name: (name, None) for name in SAMPLERS}
     table.update({alias: (name, None) for alias, name in _KDIFFUSION_NAMES.items()})
-    for display, name in _DISPLAY_NAMES.items():
+    for display, name in DISPLAY_NAMES.items():
         table[display] = (name, None)
         if name not in DISCRETE_SAMPLERS:
             table[f"{display} Karras"] = (name, "karras")
@@ -497,6 +497,11 @@ def _build_aliases() -> dict[str, tuple[str, str | None]]:
 
 
 ALIASES: dict[str, tuple[str, str | None]] = _build_aliases()
+
+
+def display_name(name: str) -> str:
+    """The A1111 display name of a canonical sampler name ("dpmpp_2m" -> "DPM++ 2M")."""
+    return {v: k for k, v in DISPLAY_NAMES.items()}.get(name, name)
 
 
 def _normalize(name: str) -> str:
@@ -513,7 +518,7 @@ def resolve_sampler(name: str) -> tuple[str, str | None]:
         return _LOOKUP[_normalize(name)]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} (A1111 names such as "
-                         f"{', '.join(repr(n) for n in _DISPLAY_NAMES)}, with ' Karras' or ' Exponential' "
+                         f"{', '.join(repr(n) for n in DISPLAY_NAMES)}, with ' Karras' or ' Exponential' "
                          "for the k-samplers, are accepted too)") from None
 
 
