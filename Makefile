@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install run demo-model test test-slow bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml requirements-lock.txt
 
 run: install
 	$(VENV)/bin/ldm txt2img "large red circle on the left, blue background" --outdir outputs
+
+# Retrain the bundled model checkpoints/ldm-demo-shapes.safetensors from scratch (~40 min on 2 CPU cores; see
+# tools/train_demo.py). Intermediate files go to runs/demo-shapes.
+demo-model: install
+	$(PY) tools/train_demo.py
 
 test: install
 	$(PY) -m pytest -q
