@@ -139,22 +139,11 @@ def bench_train(args: argparse.Namespace) -> int:
               f"latents cache); {args.warmup} warm-up step(s), then the mean of {args.steps}\n\n{table(rows)}\n")
     print(report)
     if args.write:
+        from bench import write_section  # tools/bench.py owns docs/benchmarks.md's sections
+
         write_section("train", report)
         print(f"updated {DOCS}", file=sys.stderr)
     return 0
-
-
-def write_section(name: str, body: str, docs: Path = DOCS) -> None:
-    """Replace (or append) the section between `<!-- bench:NAME -->` markers in docs/benchmarks.md."""
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n\nMeasured with `tools/bench.py`.\n"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(text)
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
