@@ -318,8 +318,6 @@ def save(model: StableDiffusion, path: str | Path, *, dtype: torch.dtype | None 
          metadata: Mapping[str, str] | None = None) -> Path:
     """Write `model.state_dict()` as a single-file .safetensors in the original layout, atomically, with the config
     in the metadata so that `ldm.load` needs no config= for it."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -335,15 +333,22 @@ def save(model: StableDiffusion, path: str | Path, *, dtype: torch.dtype | None 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a saved model is an ordinary file
+        write_safetensors(state, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """safetensors' save_file, giving the file the umask's mode rather than save_file's 0600."""
+    from safetensors.torch import save_file
+
+    from .images import default_file_mode
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    os.chmod(path, default_file_mode())
 
 
 def _shares_storage(t: Tensor) -> bool:

@@ -183,7 +183,7 @@ def save_png(image: Image.Image, outdir: str | Path, stem: str, params: dict[str
     info.add_text(LDM_CHUNK, json.dumps(params, sort_keys=True))
     fd, tmp = tempfile.mkstemp(prefix=".ldm-", suffix=".png.tmp", dir=outdir)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the PNG the mode of any new file
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the PNG the mode of any new file
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
             f.flush()
@@ -200,10 +200,11 @@ def save_png(image: Image.Image, outdir: str | Path, stem: str, params: dict[str
         os.unlink(tmp)
 
 
-def _umask() -> int:
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (mkstemp and safetensors use 0600)."""
     mask = os.umask(0)  # the only portable way to read the umask is to set it
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -139,7 +139,7 @@ def _batches(cfg, batch_size: int):
 def cache_latents(cfg, out: str | Path, *, text: bool = False, batch_size: int = 8, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, shard_size: int = 1024, overwrite: bool = False) -> Path:
     """Encode the data set of training config `cfg` into the cache directory `out` (written atomically)."""
-    from safetensors.torch import save_file
+    from .checkpoint import write_safetensors
 
     from .train import build_model
 
@@ -161,7 +161,7 @@ def cache_latents(cfg, out: str | Path, *, text: bool = False, batch_size: int =
     def flush() -> None:
         nonlocal rows, shard, row
         if rows:
-            save_file(rows, str(tmp / f"latents-{shard:05d}.safetensors"))
+            write_safetensors(rows, tmp / f"latents-{shard:05d}.safetensors")
             rows, shard, row = {}, shard + 1, 0
 
     for batch in _batches(cfg, batch_size):

@@ -306,7 +306,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, models: dict, ema: EM
                     keep: int) -> Path:
     """Write checkpoints/step-N atomically: every rank fills .tmp-step-N, then rank 0 renames it and prunes."""
     from accelerate.utils import gather_object
-    from safetensors.torch import save_file
+    from .checkpoint import write_safetensors
 
     root = run_dir / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
@@ -320,10 +320,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, models: dict, ema: EM
     positions = gather_object([state.pop("position")])
     fingerprints = gather_object([ema.fingerprint() if ema else None])
     if accelerator.is_main_process:
-        save_file(weights, str(tmp / "weights.safetensors"))
+        write_safetensors(weights, tmp / "weights.safetensors")
         if ema is not None:
-            save_file({UNET_PREFIX + k: v.cpu().contiguous() for k, v in ema.state_dict().items()},
-                      str(tmp / "ema.safetensors"))
+            write_safetensors({UNET_PREFIX + k: v.cpu().contiguous() for k, v in ema.state_dict().items()},
+                              tmp / "ema.safetensors")
         state.update(positions=positions, ema_fingerprints=fingerprints, ema_updates=ema.num_updates if ema else 0)
         (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
         if final.exists():  # only when re-running past an older --resume point
@@ -638,9 +638,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 def _write_run_files(sd: StableDiffusion, cfg: TrainConfig, run_dir: Path) -> None:
     """config.yaml, and frozen.safetensors: the weights that are not trained (VAE, text encoder, schedule), with
     the model config, so that `ldm export` needs nothing but the run directory."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import METADATA_CONFIG_KEY
+    from .checkpoint import METADATA_CONFIG_KEY, write_safetensors
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
@@ -648,7 +646,7 @@ def _write_run_files(sd: StableDiffusion, cfg: TrainConfig, run_dir: Path) -> No
     frozen = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
               for k, v in sd.state_dict().items() if not k.startswith(trained)}
     tmp = run_dir / ".frozen.safetensors.tmp"
-    save_file(frozen, str(tmp), metadata={METADATA_CONFIG_KEY: json.dumps(sd.config.to_dict())})
+    write_safetensors(frozen, tmp, metadata={METADATA_CONFIG_KEY: json.dumps(sd.config.to_dict())})
     os.replace(tmp, run_dir / "frozen.safetensors")
 
 

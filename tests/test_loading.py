@@ -411,3 +411,19 @@ def test_cli_errors_are_one_line_without_traceback(cli_runs, case):
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith("ldm info: error:") and path.name in out.stderr
+
+
+def test_saved_files_get_the_umask_mode_not_0600(tmp_path):
+    """mkstemp and safetensors' save_file both create 0600 files; a saved model is an ordinary file."""
+    from ldm.checkpoint import write_safetensors
+    from ldm.images import default_file_mode
+
+    old = os.umask(0o022)
+    try:
+        path = ldm.save(ldm.StableDiffusion(ldm.preset("tiny")), tmp_path / "m.safetensors")
+        write_safetensors({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
+        assert default_file_mode() == 0o644
+        assert path.stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
