@@ -247,6 +247,14 @@ def versions() -> str:
             f"Python {platform.python_version()}")
 
 
+def publish(name: str, report: str, write: bool) -> None:
+    """Print a benchmark's report and, with --write, put it in its section of docs/benchmarks.md."""
+    print(report)
+    if write:
+        write_section(name, report)
+        print(f"updated {DOCS}", file=sys.stderr)
+
+
 def write_section(name: str, body: str, docs: Path = DOCS) -> None:
     """Replace (or append) the section between `<!-- bench:NAME -->` markers in docs/benchmarks.md."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
@@ -282,10 +290,7 @@ def cmd_load(args: argparse.Namespace) -> int:
               f"- checkpoint: random-weight SD 1.5, {size / GB:.2f} GB ({size} bytes) fp16 safetensors, no ldm "
               f"metadata; page cache warm\n- median of {args.runs} fresh processes per row, run interleaved; "
               f"load average (1/5/15 min) {load_before} before and {load_average()} after\n\n{table}\n")
-    print(report)
-    if args.write:
-        write_section("load", report)
-        print(f"updated {DOCS}", file=sys.stderr)
+    publish("load", report, args.write)
     return 0
 
 

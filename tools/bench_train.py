@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
 GB = 1e9
 
 
@@ -89,16 +88,6 @@ def measure(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def hardware() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM"
-
-
 def table(rows: list[tuple[dict, dict]]) -> str:
     lines = ["| device | precision | grad. checkpointing | batch | s / step | images/s | peak RSS GB | peak CUDA GB |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -115,6 +104,8 @@ def table(rows: list[tuple[dict, dict]]) -> str:
 
 
 def bench_train(args: argparse.Namespace) -> int:
+    from bench import hardware, publish  # tools/bench.py owns the shared report helpers and docs/benchmarks.md
+
     import torch
 
     devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
@@ -137,12 +128,7 @@ def bench_train(args: argparse.Namespace) -> int:
               f"{args.resolution // 8} latents), eps loss, gradient clipping, AdamW (fp32 master weights and "
               f"states); random weights, latents and text context; no VAE or text encoder (as when training from a "
               f"latents cache); {args.warmup} warm-up step(s), then the mean of {args.steps}\n\n{table(rows)}\n")
-    print(report)
-    if args.write:
-        from bench import write_section  # tools/bench.py owns docs/benchmarks.md's sections
-
-        write_section("train", report)
-        print(f"updated {DOCS}", file=sys.stderr)
+    publish("train", report, args.write)
     return 0
 
 
