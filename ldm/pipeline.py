@@ -233,18 +233,19 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
     on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit."""
     width = width or sd.config.image_size
     height = height or sd.config.image_size
+    invariant = _batch_invariant(sd, batch_invariant)
     prompts = _as_list(prompt, batch_size)
     negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
     out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                    width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
                    guidance_rescale=guidance_rescale, noise=latents, callback=callback,
-                   image_by_image=_batch_invariant(sd, batch_invariant))
+                   image_by_image=invariant)
     params = _params(sd, mode="txt2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                      width=width, height=height, negative_prompt=negative_prompt, clip_skip=clip_skip, eta=eta,
                      guidance_rescale=guidance_rescale, extra={})
-    params["batch_invariant"] = _batch_invariant(sd, batch_invariant)
-    return Result(to_pil(decode(sd, out, image_by_image=params["batch_invariant"])), seeds, prompts, params, out)
+    params["batch_invariant"] = invariant
+    return Result(to_pil(decode(sd, out, image_by_image=invariant)), seeds, prompts, params, out)
 
 
 def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, strength: float = 0.75,
@@ -270,6 +271,7 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
         if pixels.shape[0] != 1:
             raise ValueError(f"img2img takes one init image, got a batch of {pixels.shape[0]}")
     height, width = pixels.shape[-2:]
+    invariant = _batch_invariant(sd, batch_invariant)
     prompts = _as_list(prompt, batch_size)
     negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
@@ -283,9 +285,9 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
     out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                    width=int(width), height=int(height), seeds=seeds, clip_skip=clip_skip, eta=eta,
                    guidance_rescale=guidance_rescale, init_latents=init, strength=strength, noise=noise,
-                   callback=callback, image_by_image=_batch_invariant(sd, batch_invariant), generators=generators)
+                   callback=callback, image_by_image=invariant, generators=generators)
     params = _params(sd, mode="img2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                      width=int(width), height=int(height), negative_prompt=negative_prompt, clip_skip=clip_skip,
                      eta=eta, guidance_rescale=guidance_rescale, extra={"strength": strength})
-    params["batch_invariant"] = _batch_invariant(sd, batch_invariant)
-    return Result(to_pil(decode(sd, out, image_by_image=params["batch_invariant"])), seeds, prompts, params, out)
+    params["batch_invariant"] = invariant
+    return Result(to_pil(decode(sd, out, image_by_image=invariant)), seeds, prompts, params, out)
