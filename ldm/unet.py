@@ -22,11 +22,24 @@ from .config import UNetConfig
 TIME_EMBED_MAX_PERIOD = 10000
 
 
+_FREQUENCIES: dict[tuple[int, float, torch.device], Tensor] = {}
+
+
+def _frequencies(half: int, max_period: float, device: torch.device) -> Tensor:
+    """exp(-ln(max_period) k / half), k < half: the same at every step, so computed once per device."""
+    key = (half, max_period, device)
+    freqs = _FREQUENCIES.get(key)
+    if freqs is None:
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+        if not torch.compiler.is_compiling():  # under torch.compile the graph holds it as a constant anyway
+            _FREQUENCIES[key] = freqs
+    return freqs
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = TIME_EMBED_MAX_PERIOD) -> Tensor:
     """Sinusoidal embedding (Vaswani et al. 2017), cos first as in CompVis: (B,) -> (B, dim) in fp32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    args = t.float()[:, None] * _frequencies(half, float(max_period), t.device)[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -277,4 +290,5 @@ class UNetModel(nn.Module):
             # the next skip (if any) fixes the size an upsampling layer must produce
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = self._run(block, h, emb, context, size)
-        return self.out(h).to(x.dtype)
+        # prepacked CPU convolutions (ldm.optimize) return channels-last tensors; give callers a plain one
+        return self.out(h).to(x.dtype).contiguous()

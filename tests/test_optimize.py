@@ -1,0 +1,120 @@
+"""The CPU fast path keeps the numerics: prepacked weights (`ldm.optimize.packed_weights`) give the plain
+outputs within float summation order, restore the weights bit for bit, and really run the packed kernels."""
+import pytest
+import torch
+from torch import nn
+
+from ldm import optimize
+from ldm.config import preset
+from reference import random_model
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(not optimize.mkldnn_available(), reason="needs oneDNN (mkldnn) CPU kernels"),
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def packed_layouts(model: nn.Module) -> list[torch.layout]:
+    return [m.__dict__[optimize.PACKED_ATTR].layout for m in model.modules() if optimize.PACKED_ATTR in m.__dict__]
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-v2"])
+def model(request):
+    sd, _ = random_model(preset(request.param), seed=3)
+    return sd
+
+
+def run_all(sd, latents, images, ids):
+    t = torch.tensor([999, 10])
+    context = sd.encode_tokens(ids)
+    return {
+        "text": context,
+        "unet": sd.unet(latents, t, context),
+        "decode": sd.vae.decode(latents),
+        "encode": sd.vae.encode(images).mean,
+    }
+
+
+@torch.no_grad()
+def test_packed_outputs_match_plain(model):
+    g = torch.Generator().manual_seed(0)
+    f = model.config.vae.downsample_factor
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    images = torch.rand(2, 3, 8 * f, 8 * f, generator=g) * 2 - 1
+    ids = model.tokenize(["a red circle", "a blue square on the left"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = run_all(model, latents, images, ids)
+    with optimize.packed_weights(model) as n:
+        assert n > 0
+        packed = run_all(model, latents, images, ids)
+        layouts = packed_layouts(model)
+        # the packed kernels ran: every layer that was called now holds a oneDNN weight and no plain one
+        assert layouts.count(torch._mkldnn) > 0.9 * n
+        conv = model.unet.input_blocks[0][0]
+        assert conv.weight.untyped_storage().nbytes() <= 4
+    for name in plain:
+        assert packed[name].shape == plain[name].shape
+        assert rel_err(packed[name], plain[name]) < 1e-5, name
+    assert packed["unet"].is_contiguous()  # the samplers' arithmetic gets a plain tensor
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights not restored bit for bit"
+    assert not optimize.is_packed(model)
+
+
+@torch.no_grad()
+def test_packed_bf16_matches_plain_bf16():
+    sd, _ = random_model(preset("tiny"), seed=4)
+    sd.to(torch.bfloat16)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = sd.encode_tokens(sd.tokenize(["a cat"]))
+    plain = sd.unet(x, torch.tensor([500]), context)
+    with optimize.packed_weights(sd):
+        packed = sd.unet(x, torch.tensor([500]), context)
+    assert rel_err(packed, plain) < 2e-2  # bf16 has 8 bits of mantissa; a wrong weight gives O(1)
+
+
+def test_weights_restored_after_an_error_and_autograd_falls_back(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 4, 8, 8)
+    context = model.encode_prompt(["x"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with optimize.packed_weights(model):
+            with torch.no_grad():
+                model.unet(x, torch.tensor([3]), context)
+            # with autograd the plain kernels run on the (unpacked) weight: same values, gradients flow
+            y = model.unet(x.requires_grad_(), torch.tensor([3]), context)
+            y.sum().backward()
+            assert x.grad is not None and torch.isfinite(x.grad).all()
+            raise RuntimeError("boom")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nested_blocks_and_disabled():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 16, 4))
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        ref = m(x)
+        with optimize.packed_weights(m, enabled=False) as n:
+            assert n == 0 and not optimize.is_packed(m)
+        with optimize.packed_weights(m) as outer:
+            with optimize.packed_weights(m) as inner:
+                assert (outer, inner) == (2, 0)
+                torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-6)
+            assert optimize.is_packed(m)  # the inner block leaves the outer one's layers alone
+        assert not optimize.is_packed(m)
+
+
+def test_multihead_attention_out_proj_is_left_alone():
+    """nn.MultiheadAttention reads out_proj.weight directly; packing it would feed the placeholder."""
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        ref = mha(x, x, x)[0]
+        with optimize.packed_weights(mha) as n:
+            assert n == 0
+            torch.testing.assert_close(mha(x, x, x)[0], ref)
