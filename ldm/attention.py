@@ -7,11 +7,21 @@ Three interchangeable implementations of softmax(q k^T / sqrt(d)) v:
 
 `upcast=True` computes attention in fp32 even when the model runs in fp16/bf16 (the SD2 fix for fp16 NaNs).
 The backend is a process-wide setting chosen with `set_backend`, or per call through `attention(..., backend=)`.
+
+Attention slicing bounds memory: the (N, M) attention matrix of N queries and M keys is computed `slice_size`
+query rows at a time. Each query row's softmax involves only its own row of scores, so slicing gives the same
+result. It matters for the `math` backend (which materialises the matrix: 17 GB for the VAE's mid attention of a
+2048x2048 image, 65536 positions) and wherever sdpa falls back to its math kernel. Set it process-wide with
+`set_slicing` (or for a block of code with `slicing(...)`), or per call with `attention(..., slice_size=)`.
+"auto" picks the largest slice whose matrix has at most `AUTO_SLICE_ELEMENTS` elements. xformers already works
+in blocks and ignores it.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -20,9 +30,12 @@ from torch import Tensor
 
 Backend = Literal["sdpa", "xformers", "math"]
 BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math")
+SliceSize = int | Literal["auto"] | None  # query rows per slice; "auto"; None: no slicing
+AUTO_SLICE_ELEMENTS = 2 ** 26  # "auto": at most this many scores per slice (256 MiB in fp32)
 
 _backend: Backend = "sdpa"
 _upcast: bool = False
+_slice_size: SliceSize = None
 
 
 def set_backend(backend: Backend = "sdpa", *, upcast: bool | None = None) -> None:
@@ -42,15 +55,57 @@ def get_backend() -> tuple[Backend, bool]:
     return _backend, _upcast
 
 
+def check_slice_size(slice_size: SliceSize) -> SliceSize:
+    """A positive int, "auto" or None; anything else raises ValueError."""
+    if slice_size is None or slice_size == "auto":
+        return slice_size
+    if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+        raise ValueError(f"attention slice size must be a positive integer, 'auto' or None, got {slice_size!r}")
+    return slice_size
+
+
+def set_slicing(slice_size: SliceSize) -> None:
+    """Compute every attention layer `slice_size` query rows at a time ("auto": see AUTO_SLICE_ELEMENTS; None: off)."""
+    global _slice_size
+    _slice_size = check_slice_size(slice_size)
+
+
+def get_slicing() -> SliceSize:
+    return _slice_size
+
+
+@contextmanager
+def slicing(slice_size: SliceSize) -> Iterator[None]:
+    """`set_slicing(slice_size)` for the duration of a `with` block; the previous setting is restored after, even
+    on error."""
+    previous = _slice_size
+    set_slicing(slice_size)
+    try:
+        yield
+    finally:
+        set_slicing(previous)
+
+
+def slice_rows(slice_size: SliceSize, batch_heads: int, n: int, m: int) -> int:
+    """How many of the n query rows one slice holds (n: no slicing), for a (batch * heads, n, m) score matrix."""
+    if slice_size is None:
+        return n
+    if slice_size == "auto":
+        slice_size = max(1, AUTO_SLICE_ELEMENTS // (batch_heads * m))
+    return min(slice_size, n)
+
+
 def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None and torch.cuda.is_available()
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: Backend | None = None,
-              upcast: bool | None = None) -> Tensor:
-    """Multi-head attention on (B, N, heads * d) tensors; returns (B, N, heads * d)."""
+              upcast: bool | None = None, slice_size: SliceSize = None) -> Tensor:
+    """Multi-head attention on (B, N, heads * d) queries and (B, M, heads * d) keys and values; returns
+    (B, N, heads * d). `backend`, `upcast` and `slice_size` default to the process-wide settings."""
     backend = backend or _backend
     upcast = _upcast if upcast is None else upcast
+    slice_size = _slice_size if slice_size is None else check_slice_size(slice_size)
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
@@ -62,10 +117,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: Backend | No
         # xformers takes (B, N, heads, d)
         out = xformers.ops.memory_efficient_attention(*(t.reshape(b, -1, heads, d) for t in (q, k, v)))
         return out.reshape(b, n, inner).to(dtype)
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
-    if backend == "math":
-        weights = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (B, heads, N, M)
-        out = weights.softmax(dim=-1) @ v
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d), (B, heads, M, d)
+    rows = slice_rows(slice_size, b * heads, n, k.shape[2])
+    if rows >= n:
+        out = _attend(q, k, v, backend)
     else:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = q.new_empty(q.shape)  # (B, heads, N, d), filled slice by slice
+        for start in range(0, n, rows):
+            out[:, :, start:start + rows] = _attend(q[:, :, start:start + rows], k, v, backend)
     return out.transpose(1, 2).reshape(b, n, inner).to(dtype)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, backend: Backend) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v on (B, heads, n, d) queries and (B, heads, M, d) keys and values."""
+    if backend == "math":
+        weights = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, n, M)
+        return weights.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)

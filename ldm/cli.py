@@ -25,7 +25,7 @@ GEN_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "", "steps": 30, "sampler": "dpmpp_2m", "schedule": "karras", "scale": 7.5, "seed": None,
     "width": None, "height": None, "n_samples": 1, "n_iter": 1, "precision": "auto", "device": "auto",
     "attention": "sdpa", "clip_skip": 1, "eta": None, "strength": 0.75, "upcast_attention": False, "quiet": False,
-    "grid": False,
+    "grid": False, "vae_tiling": False, "vae_tile_size": None, "vae_slicing": None, "attention_slicing": None,
 }
 
 
@@ -45,6 +45,10 @@ TXT2IMG_EXAMPLES = """examples:
   ldm txt2img --ckpt v2-1_768-ema-pruned.safetensors "a castle" --W 768 --H 768 --n-samples 4 --seed 42
   ldm txt2img --from-png outputs/00003-42.png            # regenerate an image exactly
   ldm txt2img --from-png outputs/00003-42.png --steps 50 # replay with one change
+  ldm txt2img --ckpt v1-5-pruned-emaonly.safetensors "a city" --W 2048 --H 1024 --vae-tiling --attention-slicing
+
+Memory: --vae-tiling, --vae-slicing and --attention-slicing lower the memory peak without changing the image
+(beyond float rounding). A PNG records them, but --from-png does not replay them: give them again if needed.
 """
 
 IMG2IMG_EXAMPLES = """examples:
@@ -91,6 +95,15 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=S, help="use the CLIP layer this far from the end")
     p.add_argument("--from-png", dest="from_png", default=S, help="replay the parameters stored in a PNG written by ldm")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress bar")
+    p.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", default=S,
+                   help="run the VAE in tiles: large images in little memory, exact and without seams")
+    p.add_argument("--vae-tile-size", dest="vae_tile_size", type=int, default=S, metavar="PX",
+                   help="VAE tile side in pixels, a multiple of 8 (default 512); implies --vae-tiling")
+    p.add_argument("--vae-slicing", dest="vae_slicing", action="store_true", default=S,
+                   help="decode the images of a batch one at a time (always done on CPU)")
+    p.add_argument("--attention-slicing", dest="attention_slicing", nargs="?", const="auto", default=S,
+                   metavar="N|auto", help="compute attention N query rows at a time; auto (the default when "
+                   "given without a value) bounds each slice to 2**26 scores")
     if img2img:
         p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")
         p.add_argument("--strength", type=float, default=S,
@@ -209,10 +222,25 @@ def check_numbers(o: dict[str, Any]) -> None:
         raise UsageError(f"--strength must be in (0, 1], got {o['strength']}")
     if o["eta"] is not None and o["eta"] < 0:
         raise UsageError(f"--eta must be >= 0, got {o['eta']}")
+    tile = o["vae_tile_size"]
+    if tile is not None and (tile < 8 or tile % 8):
+        raise UsageError(f"--vae-tile-size must be a positive multiple of 8, got {tile}")
+    o["attention_slicing"] = parse_attention_slicing(o["attention_slicing"])
+
+
+def parse_attention_slicing(value: str | None) -> int | str | None:
+    """--attention-slicing: None (not given), "auto" or a positive number of query rows."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"--attention-slicing takes a positive number of query rows or 'auto', got {value!r}")
+    return int(value)
 
 
 def png_to_options(p: dict[str, Any]) -> dict[str, Any]:
-    """Map the `ldm` PNG chunk back onto command-line options (one image: batch of 1, its own seed)."""
+    """Map the `ldm` PNG chunk back onto command-line options (one image: batch of 1, its own seed). The memory
+    options (vae_tiling, vae_slicing, attention_slicing) are not replayed: they fit the run to the machine that
+    made it and do not change the image beyond float rounding."""
     out = {"prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt", ""), "steps": p.get("steps"),
            "sampler": p.get("sampler"), "schedule": p.get("schedule"), "scale": p.get("guidance"),
            "seed": p.get("seed"), "width": p.get("width"), "height": p.get("height"), "eta": p.get("eta"),
@@ -284,7 +312,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = opts["n_samples"]
     common = dict(negative_prompt=opts["negative_prompt"], steps=opts["steps"], guidance=opts["scale"],
                   sampler=opts["sampler"], schedule=opts["schedule"], width=opts["width"], height=opts["height"],
-                  batch_size=n, clip_skip=opts["clip_skip"], eta=opts["eta"])
+                  batch_size=n, clip_skip=opts["clip_skip"], eta=opts["eta"],
+                  vae_tiling=opts["vae_tiling"] or opts["vae_tile_size"] is not None,
+                  vae_slicing=opts["vae_slicing"], attention_slicing=opts["attention_slicing"])
+    if opts["vae_tile_size"] is not None:
+        common["vae_tile_size"] = opts["vae_tile_size"]
     extra = {"ckpt": opts["ckpt"], "precision": precision, "device_type": device, "attention": opts["attention"],
              "upcast_attention": opts["upcast_attention"], "vae": opts.get("vae"), "config": opts.get("config"),
              "requested_width": opts["width"], "requested_height": opts["height"]}

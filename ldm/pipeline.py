@@ -6,12 +6,17 @@ D(x, σ)), `guidance.CFGDenoiser` (classifier-free guidance) and `samplers.sampl
 Seeds: image i of a call gets seed `seed + i` (AUTOMATIC1111's convention) and its own CPU generator, which draws
 its initial noise, its VAE posterior sample (img2img) and every ancestral/SDE noise of the sampler. So image i
 of a batch is bit-identical to the same seed generated alone, on any device.
+
+Memory options, which leave the image as it is (up to float summation order): `vae_tiling` runs the VAE in
+tiles (`ldm.tiling`: exact, no seams), `vae_slicing` runs it one image at a time, and `attention_slicing`
+computes attention a slice of query rows at a time (`ldm.attention`).
 """
 from __future__ import annotations
 
 import random
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +24,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from . import __version__
+from . import __version__, attention
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
                        resolve_sampler, sample)
 from .schedules import alphas_cumprod_for
+from .tiling import DEFAULT_TILE_SIZE, check_tile_size
 
 StepCallback = Callable[[int, int, Tensor], None]
 MAX_SEED = 2 ** 32 - 1
@@ -124,26 +130,68 @@ class ImageByImage:
 
 
 @torch.no_grad()
-def decode(sd, latents: Tensor, nan_fallback: bool = True, image_by_image: bool = False) -> Tensor:
-    """Scaled latents -> images in [-1, 1], one image at a time if asked (batch invariance, less memory)."""
+def decode(sd, latents: Tensor, nan_fallback: bool = True, image_by_image: bool = False,
+           tile_size: int | None = None) -> Tensor:
+    """Scaled latents -> images in [-1, 1], one image at a time if asked (batch invariance, less memory), in tiles
+    of tile_size x tile_size pixels if given (less memory, see `ldm.tiling`)."""
     if image_by_image and latents.shape[0] > 1:
-        return torch.cat([decode(sd, z[None], nan_fallback) for z in latents])
-    return _decode(sd, latents, nan_fallback)
+        return torch.cat([decode(sd, z[None], nan_fallback, tile_size=tile_size) for z in latents])
+    return _decode(sd, latents, nan_fallback, tile_size)
 
 
-def _decode(sd, latents: Tensor, nan_fallback: bool) -> Tensor:
+def _decode(sd, latents: Tensor, nan_fallback: bool, tile_size: int | None) -> Tensor:
     """Scaled latents -> images in [-1, 1]. If a half-precision decode gives NaN/Inf, decode again in fp32 (as
     A1111 does) with a one-line warning."""
-    images = sd.vae.decode(latents / sd.scale_factor)
+
+    def vae_decode(z: Tensor) -> Tensor:
+        return sd.vae.decode(z) if tile_size is None else sd.vae.decode(z, tiled=True, tile_size=tile_size)
+
+    images = vae_decode(latents / sd.scale_factor)
     if nan_fallback and sd.vae.post_quant_conv.weight.dtype != torch.float32 and not torch.isfinite(images).all():
         warnings.warn("VAE decode produced NaN/Inf in half precision; decoding again in fp32", stacklevel=2)
         vae_dtype = sd.vae.post_quant_conv.weight.dtype
         sd.vae.float()
         try:
-            images = sd.vae.decode(latents.float() / sd.scale_factor)
+            images = vae_decode(latents.float() / sd.scale_factor)
         finally:
             sd.vae.to(vae_dtype)
     return images.float().clamp(-1, 1)
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How to spend less memory; none of them changes the image beyond float summation order.
+
+    `vae_tiling`: run the VAE in tiles of `vae_tile_size` pixels (exact and seam-free, see `ldm.tiling`).
+    `vae_slicing`: decode one image at a time (None: when the call is batch invariant, see `txt2img`).
+    `attention_slicing`: query rows per attention slice, "auto", or None to keep the process-wide setting."""
+    vae_tiling: bool = False
+    vae_tile_size: int = DEFAULT_TILE_SIZE
+    vae_slicing: bool | None = None
+    attention_slicing: attention.SliceSize = None
+
+    def check(self, sd) -> MemoryOptions:
+        """Raise ValueError for a bad value before any work is done."""
+        check_tile_size(self.vae_tile_size, sd.config.vae.downsample_factor)
+        attention.check_slice_size(self.attention_slicing)
+        return self
+
+    @property
+    def tile_size(self) -> int | None:
+        return self.vae_tile_size if self.vae_tiling else None
+
+    def image_by_image(self, batch_invariant: bool) -> bool:
+        return batch_invariant if self.vae_slicing is None else self.vae_slicing
+
+    def sliced_attention(self) -> AbstractContextManager:
+        """Attention slicing for the duration of a call, the previous setting restored after, even on error."""
+        return nullcontext() if self.attention_slicing is None else attention.slicing(self.attention_slicing)
+
+    def params(self, batch_invariant: bool) -> dict[str, Any]:
+        """What a PNG records: how the image was made (the CLI does not replay it, see `ldm.cli.png_to_options`)."""
+        return {"vae_tiling": self.tile_size, "vae_slicing": self.image_by_image(batch_invariant),
+                "attention_slicing": attention.get_slicing() if self.attention_slicing is None
+                else self.attention_slicing}
 
 
 @torch.no_grad()
@@ -226,26 +274,34 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
             width: int | None = None, height: int | None = None, seed: int | None = None, batch_size: int = 1,
             latents: Tensor | None = None, clip_skip: int = 1, eta: float | None = None,
             guidance_rescale: float = 0.0, callback: StepCallback | None = None,
-            batch_invariant: bool | None = None) -> Result:
+            batch_invariant: bool | None = None, vae_tiling: bool = False, vae_tile_size: int = DEFAULT_TILE_SIZE,
+            vae_slicing: bool | None = None, attention_slicing: int | str | None = None) -> Result:
     """Generate images from text. `prompt` may be a list (one image per prompt, times `batch_size`); image i gets
     seed `seed + i`. `latents` (B, 4, h, w) replaces the initial unit-variance noise. `schedule` is the σ schedule
     of the k-samplers (see `resolve_schedule`: ddim/plms/ddpm keep their discrete grid). `batch_invariant` (default:
-    on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit."""
+    on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit.
+
+    Memory (see `MemoryOptions`): `vae_tiling` decodes in tiles of `vae_tile_size` pixels; `vae_slicing` decodes
+    one image at a time (default: when batch invariant); `attention_slicing` (query rows per slice, or "auto")
+    slices attention for this call only."""
+    memory = MemoryOptions(vae_tiling, vae_tile_size, vae_slicing, attention_slicing).check(sd)
     width = width or sd.config.image_size
     height = height or sd.config.image_size
     invariant = _batch_invariant(sd, batch_invariant)
     prompts = _as_list(prompt, batch_size)
     negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
-    out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                   width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
-                   guidance_rescale=guidance_rescale, noise=latents, callback=callback,
-                   image_by_image=invariant)
-    params = _params(sd, mode="txt2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
-                     width=width, height=height, negative_prompt=negative_prompt, clip_skip=clip_skip, eta=eta,
-                     guidance_rescale=guidance_rescale, extra={})
+    with memory.sliced_attention():
+        out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                       width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
+                       guidance_rescale=guidance_rescale, noise=latents, callback=callback,
+                       image_by_image=invariant)
+        images = decode(sd, out, image_by_image=memory.image_by_image(invariant), tile_size=memory.tile_size)
+        params = _params(sd, mode="txt2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
+                         width=width, height=height, negative_prompt=negative_prompt, clip_skip=clip_skip, eta=eta,
+                         guidance_rescale=guidance_rescale, extra=memory.params(invariant))
     params["batch_invariant"] = invariant
-    return Result(to_pil(decode(sd, out, image_by_image=invariant)), seeds, prompts, params, out)
+    return Result(to_pil(images), seeds, prompts, params, out)
 
 
 def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, strength: float = 0.75,
@@ -253,14 +309,17 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
             sampler: str = "dpmpp_2m", schedule: str | None = "karras", width: int | None = None,
             height: int | None = None, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
             eta: float | None = None, guidance_rescale: float = 0.0, callback: StepCallback | None = None,
-            batch_invariant: bool | None = None) -> Result:
+            batch_invariant: bool | None = None, vae_tiling: bool = False, vae_tile_size: int = DEFAULT_TILE_SIZE,
+            vae_slicing: bool | None = None, attention_slicing: int | str | None = None) -> Result:
     """Re-imagine `image`: encode it, noise it to the level set by `strength` and sample from there.
 
     The sampler runs the last int(strength * steps) steps of the schedule (CompVis), starting from the image's
     latent noised to the level of the first step it runs (as diffusers). Strength 1 runs every step from
     x_0 + σ_max ε, so the image keeps a small weight (1 / σ_max ≈ 0.07), as in CompVis, diffusers and A1111. An image is taken at its own size rounded down to a multiple of 8 unless
     width/height ask for another size (resized with Lanczos). A tensor image is (3, H, W) or (1, 3, H, W) in [-1, 1].
+    The memory options are those of `txt2img`; `vae_tiling` also encodes the init image in tiles.
     """
+    memory = MemoryOptions(vae_tiling, vae_tile_size, vae_slicing, attention_slicing).check(sd)
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if isinstance(image, Image.Image):
@@ -276,18 +335,21 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
     negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
     generators = generators_for(seeds)
-    with torch.no_grad():
-        posterior = sd.vae.encode(pixels.to(sd.device))
-    # image i's posterior sample, then its starting noise, both from its own generator
-    eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
-    init = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor
-    noise = randn(init.shape[1:], generators, device=sd.device)
-    out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                   width=int(width), height=int(height), seeds=seeds, clip_skip=clip_skip, eta=eta,
-                   guidance_rescale=guidance_rescale, init_latents=init, strength=strength, noise=noise,
-                   callback=callback, image_by_image=invariant, generators=generators)
-    params = _params(sd, mode="img2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
-                     width=int(width), height=int(height), negative_prompt=negative_prompt, clip_skip=clip_skip,
-                     eta=eta, guidance_rescale=guidance_rescale, extra={"strength": strength})
+    with memory.sliced_attention():
+        with torch.no_grad():
+            posterior = sd.vae.encode(pixels.to(sd.device), tiled=memory.vae_tiling, tile_size=memory.vae_tile_size)
+        # image i's posterior sample, then its starting noise, both from its own generator
+        eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
+        init = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor
+        noise = randn(init.shape[1:], generators, device=sd.device)
+        out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                       width=int(width), height=int(height), seeds=seeds, clip_skip=clip_skip, eta=eta,
+                       guidance_rescale=guidance_rescale, init_latents=init, strength=strength, noise=noise,
+                       callback=callback, image_by_image=invariant, generators=generators)
+        images = decode(sd, out, image_by_image=memory.image_by_image(invariant), tile_size=memory.tile_size)
+        params = _params(sd, mode="img2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
+                         width=int(width), height=int(height), negative_prompt=negative_prompt, clip_skip=clip_skip,
+                         eta=eta, guidance_rescale=guidance_rescale,
+                         extra={"strength": strength, **memory.params(invariant)})
     params["batch_invariant"] = invariant
-    return Result(to_pil(decode(sd, out, image_by_image=invariant)), seeds, prompts, params, out)
+    return Result(to_pil(images), seeds, prompts, params, out)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .config import AutoencoderConfig
+from .tiling import DEFAULT_TILE_SIZE, tiled_decode, tiled_encode
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the original
 
@@ -190,20 +191,26 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
-    def encode(self, images: Tensor) -> DiagonalGaussian:
-        """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, z, H/f, W/f)."""
+    def encode(self, images: Tensor, tiled: bool = False, tile_size: int = DEFAULT_TILE_SIZE) -> DiagonalGaussian:
+        """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, z, H/f, W/f). `tiled` computes it in
+        tiles of tile_size x tile_size pixels to bound memory, with the same result (see `ldm.tiling`)."""
         f = self.cfg.downsample_factor
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
             raise ValueError(f"VAE expects images of shape (B, {self.cfg.in_channels}, H, W), got {tuple(images.shape)}")
         if images.shape[-1] % f or images.shape[-2] % f:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {f}")
+        if tiled:
+            return DiagonalGaussian(tiled_encode(self, images, tile_size))
         dtype = self.quant_conv.weight.dtype
         return DiagonalGaussian(self.quant_conv(self.encoder(images.to(dtype))))
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Unscaled latents (B, z, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1]."""
+    def decode(self, latents: Tensor, tiled: bool = False, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
+        """Unscaled latents (B, z, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1]. `tiled` computes it in
+        tiles of tile_size x tile_size output pixels to bound memory, with the same result (see `ldm.tiling`)."""
         if latents.ndim != 4 or latents.shape[1] != self.cfg.embed_dim:
             raise ValueError(f"VAE expects latents of shape (B, {self.cfg.embed_dim}, h, w), got {tuple(latents.shape)}")
+        if tiled:
+            return tiled_decode(self, latents, tile_size)
         dtype = self.post_quant_conv.weight.dtype
         return self.decoder(self.post_quant_conv(latents.to(dtype)))
 
