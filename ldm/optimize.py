@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 PACKED_ATTR = "_ldm_packed"
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
 
 
 def mkldnn_available() -> bool:
@@ -41,40 +42,61 @@ def _placeholder(t: Tensor) -> Tensor:
 
 
 def _eligible(self: nn.Module, x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and x.requires_grad)
+    """Whether the packed weight can serve this call: CPU inference in the packed dtype."""
+    packed = self.__dict__[PACKED_ATTR]
+    dtype = self.weight.dtype if packed is None else packed.dtype
+    return (x.device.type == "cpu" and self.weight.device.type == "cpu" and x.dtype == dtype
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def _packed(self: nn.Module, reorder) -> Tensor:
     """The packed weight, made on the first call (oneDNN picks its layout for the input shape it sees)."""
-    w = self.__dict__[PACKED_ATTR]
-    if w.layout == torch.strided:
-        w = self.__dict__[PACKED_ATTR] = reorder(w)
-        self.weight.data = _placeholder(w)  # frees the plain weight (unless something else holds it, e.g. an mmap)
-    return w
+    packed = self.__dict__[PACKED_ATTR]
+    if packed is None:
+        packed = self.__dict__[PACKED_ATTR] = reorder(self.weight.detach())
+        # frees the plain weight (unless something else holds it, e.g. a memory-mapped file)
+        self.weight.data = _placeholder(self.weight)
+    return packed
 
 
-def _dense(self: nn.Module) -> Tensor:
-    w = self.__dict__[PACKED_ATTR]
-    return w if w.layout == torch.strided else w.to_dense()
+def _dense(self: nn.Module, x: Tensor) -> Tensor:
+    """The plain weight for a call the packed one cannot serve (autograd, or the module was moved or cast
+    inside the block: `.to()` only sees the placeholder, so the values come from the packed copy)."""
+    packed = self.__dict__[PACKED_ATTR]
+    return (self.weight if packed is None else packed.to_dense()).to(x.device, x.dtype)
+
+
+def _bias(self: nn.Module, x: Tensor) -> Tensor | None:
+    return None if self.bias is None else self.bias.detach().to(x.dtype)
 
 
 def _packed_conv(self: nn.Conv2d, x: Tensor) -> Tensor:
-    bias = None if self.bias is None else self.bias.detach()
     if not _eligible(self, x):
-        return self._conv_forward(x, _dense(self), bias)
+        return self._conv_forward(x, _dense(self, x), _bias(self, x))
     args = list(self.padding), list(self.stride), list(self.dilation), self.groups
     w = _packed(self, lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape)))
-    return torch.ops.mkldnn._convolution_pointwise(x, w, bias, *args, "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise(x, w, _bias(self, x), *args, "none", [], "")
 
 
 def _packed_linear(self: nn.Linear, x: Tensor) -> Tensor:
-    bias = None if self.bias is None else self.bias.detach()
     if not _eligible(self, x):
-        return F.linear(x, _dense(self), bias)
+        return F.linear(x, _dense(self, x), _bias(self, x))
     x2 = x.reshape(-1, x.shape[-1])
     w = _packed(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, x2.shape[0]))
-    out = torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(x2, w, _bias(self, x), "none", [], "")
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def conv2d(conv: nn.Conv2d, x: Tensor, padding: int, stride: int = 1) -> Tensor:
+    """`conv`'s convolution with another zero padding (for tiled execution, `ldm.tiling`): F.conv2d on its
+    weights, or on its packed weight inside a `packed_weights` block."""
+    if PACKED_ATTR not in conv.__dict__:
+        return F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+    if not _eligible(conv, x):
+        return F.conv2d(x, _dense(conv, x), _bias(conv, x), stride=stride, padding=padding)
+    args = [padding] * 2, [stride] * 2, list(conv.dilation), conv.groups
+    w = _packed(conv, lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape)))
+    return torch.ops.mkldnn._convolution_pointwise(x, w, _bias(conv, x), *args, "none", [], "")
 
 
 def _pack(m: nn.Module) -> bool:
@@ -86,15 +108,15 @@ def _pack(m: nn.Module) -> bool:
         return False
     if type(m) is nn.Conv2d and not (m.padding_mode == "zeros" and isinstance(m.padding, tuple)):
         return False
-    m.__dict__[PACKED_ATTR] = w.detach()
+    m.__dict__[PACKED_ATTR] = None  # packed on the first call
     m.forward = (_packed_conv if type(m) is nn.Conv2d else _packed_linear).__get__(m)
     return True
 
 
 def _unpack(m: nn.Module) -> None:
-    w = m.__dict__.pop(PACKED_ATTR)
-    if w.layout != torch.strided:
-        m.weight.data = w.to_dense()  # a permutation of the values back: bit-exact
+    packed = m.__dict__.pop(PACKED_ATTR)
+    if packed is not None:  # back to a plain layout (bit-exact), in the dtype and on the device the module has now
+        m.weight.data = packed.to_dense().to(m.weight.device, m.weight.dtype)
     del m.forward
 
 
@@ -112,12 +134,44 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]:
             _unpack(m)
 
 
-def compile_unet(unet: nn.Module, **kwargs) -> nn.Module:
-    """torch.compile the UNet in place (`nn.Module.compile`); its state_dict keys are unchanged."""
-    unet.compile(**kwargs)
+@contextlib.contextmanager
+def for_inference(sd) -> Iterator[None]:
+    """What a txt2img/img2img call runs under. On CPU: prepacked weights for the text encoder, the VAE and the
+    UNet (a compiled UNet packs its own). Elsewhere nothing."""
+    with contextlib.ExitStack() as stack:
+        if CPU_PREPACK and sd.device.type == "cpu":
+            for part in (sd.text_encoder, sd.vae, sd.unet):
+                if not is_compiled(part):
+                    stack.enter_context(packed_weights(part))
+        yield
+
+
+def compile_unet(unet: nn.Module, mode: str | None = None) -> nn.Module:
+    """torch.compile the UNet in place (`nn.Module.compile`, so its state_dict keys are unchanged).
+
+    On CPU this turns on inductor's freezing: the weights become constants of the compiled graph, prepacked
+    for oneDNN and folded where possible, which is what makes the compiled CPU UNet fast. Inference only:
+    weights changed after the first call are not seen by the compiled graph. The first call per input shape
+    compiles (minutes on 2 CPU cores for SD's UNet); `mode` is torch.compile's (e.g. "reduce-overhead" for
+    CUDA graphs on GPU)."""
+    if next(unet.parameters()).device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+    unet.compile(mode=mode, dynamic=False)
     return unet
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def is_packed(model: nn.Module) -> bool:
     """Whether some layer of `model` is inside a `packed_weights` block."""
     return any(PACKED_ATTR in m.__dict__ for m in model.modules())
+
+
+def compile_model(sd, mode: str | None = None):
+    """`compile_unet` on a StableDiffusion's UNet; returns the model."""
+    compile_unet(sd.unet, mode=mode)
+    return sd

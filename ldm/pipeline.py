@@ -28,6 +28,7 @@ from . import __version__, attention
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
+from .optimize import for_inference
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
                        resolve_sampler, sample)
 from .schedules import alphas_cumprod_for
@@ -291,7 +292,7 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
     prompts = _as_list(prompt, batch_size)
     negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
-    with memory.sliced_attention():
+    with memory.sliced_attention(), for_inference(sd):
         out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                        width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
                        guidance_rescale=guidance_rescale, noise=latents, callback=callback,
@@ -335,7 +336,7 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
     negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
     generators = generators_for(seeds)
-    with memory.sliced_attention():
+    with memory.sliced_attention(), for_inference(sd):
         with torch.no_grad():
             posterior = sd.vae.encode(pixels.to(sd.device), tiled=memory.vae_tiling, tile_size=memory.vae_tile_size)
         # image i's posterior sample, then its starting noise, both from its own generator

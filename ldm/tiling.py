@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention
+from . import attention, optimize
 
 if TYPE_CHECKING:
     from .vae import AutoencoderKL, Downsample, ResnetBlock, Upsample
@@ -114,9 +114,9 @@ def conv_tiled(conv: nn.Conv2d, load: Load, in_size: tuple[int, int], out: Tenso
         a0, a1, b0, b1 = max(i0, 0), min(i1, height), max(j0, 0), min(j1, width)
         window, zeros = load(a0, a1, b0, b1), (b0 - j0, j1 - b1, a0 - i0, i1 - a1)  # zeros only past the border
         if len(set(zeros)) == 1:  # the same on every side (a tile inside the image, or the whole image)
-            y = F.conv2d(window, conv.weight, conv.bias, stride=stride, padding=zeros[0])
+            y = optimize.conv2d(conv, window, padding=zeros[0], stride=stride)
         else:
-            y = F.conv2d(F.pad(window, zeros), conv.weight, conv.bias, stride=stride)
+            y = optimize.conv2d(conv, F.pad(window, zeros), padding=0, stride=stride)
         if accumulate:
             out[:, :, o0:o1, p0:p1] += y
         else:

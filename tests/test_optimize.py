@@ -18,8 +18,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def packed_layouts(model: nn.Module) -> list[torch.layout]:
-    return [m.__dict__[optimize.PACKED_ATTR].layout for m in model.modules() if optimize.PACKED_ATTR in m.__dict__]
+def packed_layouts(model: nn.Module) -> list[torch.layout | None]:
+    """Per layer in a packed_weights block: torch._mkldnn once a call has packed it, None before."""
+    return [getattr(m.__dict__[optimize.PACKED_ATTR], "layout", None) for m in model.modules()
+            if optimize.PACKED_ATTR in m.__dict__]
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-v2"])
@@ -118,3 +120,63 @@ def test_multihead_attention_out_proj_is_left_alone():
         with optimize.packed_weights(mha) as n:
             assert n == 0
             torch.testing.assert_close(mha(x, x, x)[0], ref)
+
+
+@torch.no_grad()
+def test_cast_inside_the_block_uses_the_packed_values():
+    """The pipeline's NaN fallback casts the VAE to fp32 and back inside the block: `.to()` sees only the
+    placeholder, so the fp32 call must take its weight from the packed copy, and the exit must restore it."""
+    conv = nn.Conv2d(4, 8, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(1, 4, 6, 6)
+    before = conv.weight.clone()
+    ref = nn.functional.conv2d(x, before.float(), conv.bias.float(), padding=1)
+    with optimize.packed_weights(conv):
+        conv(x.bfloat16())  # packs
+        conv.float()
+        torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-6)
+        conv.to(torch.bfloat16)
+        torch.testing.assert_close(conv(x.bfloat16()).float(), ref, rtol=2e-2, atol=2e-2)
+    assert torch.equal(conv.weight, before)
+
+
+@pytest.mark.parametrize("tiling", [False, True])
+def test_pipeline_prepacked_matches_plain(monkeypatch, tiling):
+    """txt2img on CPU runs under `for_inference` (packed weights); the plain path gives the same latents."""
+    sd, _ = random_model(preset("tiny"), seed=5)
+    kwargs = dict(steps=3, sampler="euler", seed=7, width=64, height=64, vae_tiling=tiling, vae_tile_size=32)
+    calls = []
+    real = optimize._packed
+    monkeypatch.setattr(optimize, "_packed", lambda m, reorder: calls.append(m) or real(m, reorder))
+    packed = sd.txt2img("a red circle", **kwargs)
+    assert {sd.unet.input_blocks[0][0], sd.vae.decoder.conv_out} <= set(calls)  # the packed kernels ran
+    monkeypatch.setattr(optimize, "CPU_PREPACK", False)
+    plain = sd.txt2img("a red circle", **kwargs)
+    assert rel_err(packed.latents, plain.latents) < 1e-5
+    diff = (torch.tensor(list(packed.images[0].getdata())) - torch.tensor(list(plain.images[0].getdata()))).abs()
+    assert diff.max() <= 1
+    assert not optimize.is_packed(sd)
+
+
+def test_cli_compile_without_a_compiler_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from ldm import cli
+
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    code = cli.main(["txt2img", "a red circle", "--compile", "--device", "cpu", "--outdir", str(tmp_path)])
+    assert code == 2
+    assert "C++ compiler" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_unet_matches_eager():
+    """torch.compile (inductor, freezing on CPU) keeps the numerics; ~1 min of compiling, so marked slow."""
+    sd, _ = random_model(preset("tiny"), seed=6)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t, context = torch.tensor([999, 10]), sd.encode_prompt(["a", "b"])
+    eager = sd.unet(x, t, context)
+    optimize.compile_model(sd)
+    assert optimize.is_compiled(sd.unet)
+    assert rel_err(sd.unet(x, t, context), eager) < 1e-5
+    assert set(sd.state_dict()) == set(sd.unet.state_dict(prefix="model.diffusion_model.")) | {
+        k for k in sd.state_dict() if not k.startswith("model.diffusion_model.")}

@@ -1,17 +1,29 @@
-"""Benchmarks for ldm (not tests): `python tools/bench.py load [--runs 3] [--write]`.
+"""Benchmarks for ldm (not tests): `python tools/bench.py {load,txt2img,train} ... [--write]`.
 
 load    Time and peak memory of loading a full-size SD 1.5 single-file checkpoint with `ldm.load`, against
         diffusers' `StableDiffusionPipeline.from_single_file`. The checkpoint is random-weight, written once
         to `.bench_cache/` (git-ignored) in the layout of a real `v1-5-pruned-emaonly.safetensors`: fp16
         weights, fp32 schedule buffers, int64 position ids, no ldm metadata (so ldm detects the architecture).
 
-Every measurement runs in a fresh subprocess, so that its peak RSS (`ru_maxrss`) belongs to one loader alone.
+txt2img ldm and diffusers side by side on that checkpoint: the same resolution, DDIM, step count, thread count,
+        prompt and starting noise. One fresh process per (variant, size) loads the model, then times (median of
+        `--runs` after `--warmup`) a text encode, one UNet step (batch 2, as with guidance), a VAE decode and a
+        whole txt2img, and reports its peak RSS (CUDA: peak allocated memory). The parent compares the outputs:
+        ldm against diffusers (parity) and each precision against fp32 (PSNR).
+
+    python tools/bench.py txt2img --sizes 256 512 --steps 10 --runs 3 --warmup 1 --threads 2 --write
+    python tools/bench.py txt2img --device cuda --sizes 512 --write
+
+Every measurement runs in a fresh subprocess, so that its peak RSS (VmHWM) belongs to one loader alone.
 With `--write` the results replace the matching section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -19,7 +31,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +118,27 @@ def diffusers_config_dir(cache: Path = CACHE) -> Path:
     return root
 
 
+def clip_tokenizer_dir(cache: Path = CACHE) -> Path:
+    """vocab.json and merges.txt for transformers' CLIPTokenizer, made from the BPE vocabulary that open_clip ships
+    (as tools/pipeline_parity.py does): diffusers' pipeline needs a tokenizer, and the hub is out of reach."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from ldm.tokenizer import find_vocab
+
+    root = cache / "clip-tokenizer"
+    if (root / "merges.txt").exists():
+        return root
+    lines = gzip.decompress(find_vocab().read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return root
+
+
 # --- one measurement, in a child process ---------------------------------------------------------------------------
 
 def _rss_now() -> int:
@@ -118,7 +155,23 @@ def _cpu_s() -> float:
 
 
 def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes: VmHWM (Linux), else ru_maxrss. Not ru_maxrss alone on
+    Linux: exec() carries the parent's peak into it (a child of a parent that built the 4 GB model reports at
+    least that)."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _reset_peak_rss() -> None:
+    """Lower this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0), so that the next reading is the
+    peak of what follows; a no-op where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _touch(modules) -> None:
@@ -197,6 +250,205 @@ def median_of(results: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in results) for k in results[0]}
 
 
+# --- txt2img: one (variant, size) in a child process ---------------------------------------------------------------
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+GUIDANCE = 7.5
+SEED = 0
+TIMESTEP = 500  # of the timed UNet step
+LATENT_FACTOR, LATENT_CHANNELS, CONTEXT = 8, 4, (77, 768)  # SD 1.5: f=8 VAE, 4 latent channels, CLIP ViT-L/14
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+OUTPUTS = ("text", "unet", "vae", "image")  # what each child saves, for the parent to compare
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation in one precision. `optimize` names a function of `ldm.optimize`, called on the loaded
+    model as `fn(sd)` (a returned model, if any, replaces it); where ldm has no such function the variant is skipped
+    with a note."""
+    impl: str  # "ldm" or "diffusers"
+    dtype: str  # a key of DTYPES
+    optimize: str | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+VARIANTS = {
+    "ldm": Variant("ldm", "fp32"),
+    "ldm-bf16": Variant("ldm", "bf16"),
+    "ldm-fp16": Variant("ldm", "fp16", devices=("cuda",)),
+    "ldm-compile": Variant("ldm", "fp32", optimize="compile_model"),
+    "diffusers": Variant("diffusers", "fp32"),
+    "diffusers-bf16": Variant("diffusers", "bf16"),
+    "diffusers-fp16": Variant("diffusers", "fp16", devices=("cuda",)),
+}
+BASELINES = {"ldm": "ldm", "diffusers": "diffusers"}  # each implementation's fp32 variant: the speed-up reference
+DEFAULT_VARIANTS = {"cpu": ["ldm", "ldm-bf16", "ldm-compile", "diffusers", "diffusers-bf16"],
+                    "cuda": ["ldm", "ldm-fp16", "ldm-bf16", "diffusers", "diffusers-fp16", "diffusers-bf16"]}
+
+
+def skip_reason(name: str, device: str) -> str | None:
+    """Why variant `name` cannot run here, or None."""
+    v = VARIANTS[name]
+    if device not in v.devices:
+        return f"{name}: skipped, it runs on {' and '.join(v.devices)} only"
+    if v.optimize is not None:
+        try:
+            module = importlib.import_module("ldm.optimize")
+        except ImportError:
+            return f"{name}: skipped, ldm has no module ldm.optimize"
+        if not callable(getattr(module, v.optimize, None)):
+            return f"{name}: skipped, ldm.optimize has no function {v.optimize}()"
+    return None
+
+
+@dataclass
+class Case:
+    """What a child times, for one implementation. Inputs are in the model's dtype and on its device."""
+    text: Callable[[], object]  # PROMPT -> (1, 77, 768): tokenizer and text encoder
+    unet: Callable[[object, object, object], object]  # (x, t, context) -> ε, batch 2
+    vae: Callable[[object], object]  # latents (unscaled) -> (1, 3, H, W) in [-1, 1]
+    txt2img: Callable[[object], object]  # starting noise (1, 4, h, w) fp32 -> the pipeline's output
+    image: Callable[[object], object]  # that output -> (H, W, 3) float in [0, 1], before rounding to 8 bits
+
+
+def _loader(variant: Variant, spec: dict, device, dtype) -> Callable[[], object]:
+    """The timed part of loading, with what it needs prepared outside the measurement."""
+    if variant.impl == "ldm":
+        import ldm
+
+        return lambda: ldm.load(spec["path"], dtype=dtype, device=device)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+    from transformers import CLIPTokenizer
+
+    dlogging.set_verbosity_error()
+    # The hub's SD 1.5 tokenizer, rebuilt offline (ldm builds its own lazily, on the first prompt).
+    tokenizer = CLIPTokenizer.from_pretrained(spec["tokenizer_dir"], model_max_length=CONTEXT[0])
+    # DDIM as the SD scripts configure it: scaled-linear betas, "leading" grid with offset 1, last step to ᾱ_0.
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="epsilon")
+
+    def load():
+        pipe = StableDiffusionPipeline.from_single_file(
+            spec["path"], config=spec["config_dir"], local_files_only=True, torch_dtype=dtype, tokenizer=tokenizer,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+    return load
+
+
+def _ldm_case(sd, size: int, steps: int) -> Case:
+    from ldm.pipeline import decode, txt2img
+
+    def whole(noise):
+        return txt2img(sd, PROMPT, negative_prompt="", sampler="ddim", steps=steps, guidance=GUIDANCE, width=size,
+                       height=size, seed=SEED, latents=noise)
+
+    def image(result):  # txt2img returns 8-bit images: decode its final latents again, as it did, in float
+        return ((decode(sd, result.latents) + 1) / 2)[0].permute(1, 2, 0)
+
+    return Case(text=lambda: sd.encode_prompt([PROMPT]), unet=lambda x, t, c: sd.unet(x, t, c),
+                vae=lambda z: sd.vae.decode(z), txt2img=whole, image=image)
+
+
+def _diffusers_case(pipe, size: int, steps: int) -> Case:
+    import torch
+
+    def whole(noise):  # diffusers takes `latents` as given (no cast): hand them over in the pipeline's dtype
+        return pipe(PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=GUIDANCE, height=size,
+                    width=size, latents=noise.to(pipe.device, pipe.unet.dtype), output_type="np").images
+
+    return Case(text=lambda: pipe.encode_prompt(PROMPT, pipe.device, 1, False)[0],
+                unet=lambda x, t, c: pipe.unet(x, t, encoder_hidden_states=c, return_dict=False)[0],
+                vae=lambda z: pipe.vae.decode(z, return_dict=False)[0], txt2img=whole,
+                image=lambda images: torch.from_numpy(images[0]))
+
+
+def _median_time(fn: Callable[[], object], warmup: int, runs: int, sync: Callable[[], None],
+                 first: list[float] | None = None) -> tuple[float, object]:
+    """Median wall seconds of `fn()` over `runs` calls after `warmup` calls, and the last call's result. The
+    first call's time (warm-up included: torch.compile compiles then) is appended to `first` if given."""
+    times, out = [], None
+    for i in range(warmup + runs):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if first is not None:
+        first.append(times[0])
+    return statistics.median(times[warmup:]), out
+
+
+def child_txt2img(spec: dict) -> dict:
+    """Load one variant, time its parts and a whole txt2img, save their outputs to spec["out_dir"]."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    variant = VARIANTS[spec["variant"]]
+    device, dtype = torch.device(spec["device"]), getattr(torch, DTYPES[variant.dtype])
+    size, steps, warmup, runs = spec["size"], spec["steps"], spec["warmup"], spec["runs"]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    load = _loader(variant, spec, device, dtype)
+    t0 = time.perf_counter()
+    model = load()
+    sync()
+    t1 = time.perf_counter()
+    if variant.optimize is not None:
+        model = getattr(importlib.import_module("ldm.optimize"), variant.optimize)(model) or model
+    sync()
+    t2 = time.perf_counter()
+    peak_load = _peak_rss()
+    _reset_peak_rss()
+    case = (_ldm_case if variant.impl == "ldm" else _diffusers_case)(model, size, steps)
+
+    # the same seeded inputs in every child
+    g = torch.Generator().manual_seed(SEED)
+    h = size // LATENT_FACTOR
+    noise = torch.randn(1, LATENT_CHANNELS, h, h, generator=g)  # txt2img's starting noise (unit variance, fp32)
+    x = torch.randn(2, LATENT_CHANNELS, h, h, generator=g).to(device, dtype)  # the UNet step: batch 2, as with CFG
+    context = torch.randn(2, *CONTEXT, generator=g).to(device, dtype)
+    t = torch.full((2,), TIMESTEP, device=device)
+    z = torch.randn(1, LATENT_CHANNELS, h, h, generator=g).to(device, dtype)  # the VAE decode's latents
+    timings, outputs, first_unet = {}, {}, []
+    # ldm's parts run as its pipeline runs them (on CPU: prepacked weights, see ldm.optimize.for_inference)
+    inference = importlib.import_module("ldm.optimize").for_inference(model) if variant.impl == "ldm" else nullcontext()
+    with torch.no_grad(), inference:
+        timings["text_s"], outputs["text"] = _median_time(case.text, warmup, runs, sync)
+        timings["unet_s"], outputs["unet"] = _median_time(lambda: case.unet(x, t, context), warmup, runs, sync,
+                                                          first_unet)
+        timings["vae_s"], outputs["vae"] = _median_time(lambda: case.vae(z), warmup, runs, sync)
+        timings["txt2img_s"], result = _median_time(lambda: case.txt2img(noise), warmup, runs, sync)
+        outputs["image"] = case.image(result)
+    for name in OUTPUTS:
+        np.save(Path(spec["out_dir"]) / f"{spec['tag']}-{name}.npy", outputs[name].float().cpu().numpy())
+    peak_run = _peak_rss()
+    out = {"load_s": t1 - t0, "setup_s": t2 - t1, "first_unet_s": first_unet[0], **timings,
+           "peak_rss": max(peak_load, peak_run),
+           "peak_rss_run": peak_run, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out["peak_cuda"] = torch.cuda.max_memory_allocated(device)
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def measure_txt2img(spec: dict) -> dict:
+    """Run `child_txt2img(spec)` in a fresh process limited to spec["threads"] threads."""
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_child_txt2img", json.dumps(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{spec['variant']} at {spec['size']} px failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # --- reporting ---------------------------------------------------------------------------------------------------
 
 def load_table(rows: list[tuple[str, str, dict]]) -> str:
@@ -218,6 +470,116 @@ def load_table(rows: list[tuple[str, str, dict]]) -> str:
         lines += ["", "| ldm / diffusers | load time | CPU time | load + page-in time | peak RSS |",
                   "|---|---:|---:|---:|---:|", *ratios]
     return "\n".join(lines)
+
+
+TXT2IMG_TIMES = (("load", "load_s"), ("text encode", "text_s"), ("UNet step", "unet_s"), ("VAE decode", "vae_s"),
+                 ("txt2img", "txt2img_s"))
+ERRORS = (("text", "text rel err"), ("unet", "UNet step rel err"), ("vae", "VAE decode rel err"))
+PARITY_TOLERANCE = 1e-4  # fp32, relative (the issue's figure, as tests/reference.py)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Variant `a` against variant `b` at one size: time and memory ratios a / b, and a's outputs against b's."""
+    size: int
+    a: str
+    b: str
+    ratios: dict[str, float]  # a key of TXT2IMG_TIMES or "memory" -> a / b
+    errors: dict[str, float]  # text, unet, vae: max|a - b| / max|b|; pixel: max|a - b| of the images; psnr (dB)
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _memory(r: dict) -> int:
+    return r.get("peak_cuda", r["peak_rss"])
+
+
+def comparisons(names: list[str]) -> list[tuple[str, str]]:
+    """Pairs to compare: each ldm variant with plain diffusers of the same dtype (parity and speed), then each
+    variant with its implementation's fp32 baseline (what a precision or an optimization gains and costs)."""
+    pairs = []
+    for a in names:
+        va = VARIANTS[a]
+        match = [b for b in names if VARIANTS[b].impl == "diffusers" and VARIANTS[b].dtype == va.dtype
+                 and VARIANTS[b].optimize is None]
+        if va.impl == "ldm" and match:
+            pairs.append((a, match[0]))
+    pairs += [(a, BASELINES[VARIANTS[a].impl]) for a in names
+              if a != BASELINES[VARIANTS[a].impl] and BASELINES[VARIANTS[a].impl] in names]
+    return pairs
+
+
+def compare(size: int, a: str, b: str, results: dict[tuple[int, str], dict], out_dir: Path) -> Pair:
+    import numpy as np
+
+    def load(name: str, output: str):
+        return np.load(out_dir / f"{size}-{name}-{output}.npy").astype(np.float64)
+
+    ra, rb = results[size, a], results[size, b]
+    ratios = {key: ra[key] / rb[key] for _, key in TXT2IMG_TIMES} | {"memory": _memory(ra) / _memory(rb)}
+    errors = {}
+    for output, _ in ERRORS:
+        ya, yb = load(a, output), load(b, output)
+        errors[output] = float(np.abs(ya - yb).max() / np.abs(yb).max())
+    ia, ib = load(a, "image"), load(b, "image")
+    mse = float(((ia - ib) ** 2).mean())
+    errors["pixel"] = float(np.abs(ia - ib).max())
+    errors["psnr"] = 10 * math.log10(1 / mse) if mse > 0 else math.inf
+    return Pair(size, a, b, ratios, errors)
+
+
+def txt2img_tables(results: dict[tuple[int, str], dict], pairs: list[Pair], cuda: bool) -> str:
+    setup = any(VARIANTS[name].optimize for _, name in results)
+    head = ["size", "variant", "dtype", "load s", *(["setup s"] if setup else []),
+            "first UNet step s", *(f"{c} s" for c, _ in TXT2IMG_TIMES[1:]),
+            *(["UNet it/s", "peak CUDA GB"] if cuda else []),
+            "peak RSS GB", "after load GB"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for (size, name), r in results.items():
+        cells = [str(size), name, VARIANTS[name].dtype, _num(r["load_s"]), *([_num(r["setup_s"])] if setup else []),
+                 _num(r["first_unet_s"]), *(_num(r[key]) for _, key in TXT2IMG_TIMES[1:])]
+        cells += [f"{1 / r['unet_s']:.2f}", f"{r['peak_cuda'] / GB:.2f}"] if cuda else []
+        cells += [f"{r['peak_rss'] / GB:.2f}", f"{r['peak_rss_run'] / GB:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not pairs:
+        return "\n".join(lines)
+    memory = "peak CUDA memory" if cuda else "peak RSS"
+    lines += ["", "| size | a / b | " + " | ".join(c for c, _ in TXT2IMG_TIMES) + f" | {memory} |",
+              "|---|---|" + "---:|" * (len(TXT2IMG_TIMES) + 1)]
+    for p in pairs:
+        cells = [f"{p.ratios[key]:.2f}" for _, key in TXT2IMG_TIMES] + [f"{p.ratios['memory']:.2f}"]
+        lines.append(f"| {p.size} | {p.a} / {p.b} | " + " | ".join(cells) + " |")
+    lines += ["", "| size | a vs b | " + " | ".join(c for _, c in ERRORS) + " | image max abs diff | image PSNR dB |",
+              "|---|---|" + "---:|" * (len(ERRORS) + 2)]
+    for p in pairs:
+        cells = [f"{p.errors[key]:.1e}" for key, _ in ERRORS] + [f"{p.errors['pixel']:.1e}", f"{p.errors['psnr']:.1f}"]
+        lines.append(f"| {p.size} | {p.a} vs {p.b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def txt2img_goals(pairs: list[Pair]) -> list[str]:
+    """The issue's CPU goals, read off the comparisons."""
+    def met(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines = []
+    for p in pairs:
+        va = VARIANTS[p.a]
+        if va.dtype == "fp32" and p.b == "diffusers":
+            t, m = p.ratios["txt2img_s"], p.ratios["memory"]
+            worst, pixel = max(p.errors[key] for key, _ in ERRORS), p.errors["pixel"]
+            lines.append(f"- {p.size} px, {p.a} fp32: txt2img in {t:.2f}x diffusers' time (goal <= 0.8x), peak RSS "
+                         f"{m:.2f}x diffusers' (goal <= 1x): {met(t <= 0.8 and m <= 1.0)}; against diffusers, largest "
+                         f"relative error of the text encoder, UNet and VAE {worst:.1e}, image max abs difference "
+                         f"{pixel:.1e} (goal <= {PARITY_TOLERANCE:.0e}): "
+                         f"{met(max(worst, pixel) <= PARITY_TOLERANCE)}")
+        if va.impl == "ldm" and va.dtype == "bf16" and p.b == BASELINES["ldm"]:
+            speedup, psnr = 1 / p.ratios["txt2img_s"], p.errors["psnr"]
+            lines.append(f"- {p.size} px, {p.a}: txt2img {speedup:.2f}x as fast as ldm fp32 (goal >= 1.5x), image "
+                         f"PSNR {psnr:.1f} dB against fp32 (goal >= 30 dB): {met(speedup >= 1.5 and psnr >= 30)}")
+    return lines
 
 
 def load_average() -> str:
@@ -294,12 +656,73 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    # A CUDA UNet step at 512 px takes tens of milliseconds, bound by kernel launches and noisy: more runs.
+    cuda = args.device == "cuda"
+    args.runs = args.runs or (10 if cuda else 3)
+    args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
+    names = args.variants or DEFAULT_VARIANTS[args.device]
+    skipped = {name: reason for name in names if (reason := skip_reason(name, args.device))}
+    notes = list(skipped.values())
+    names = [name for name in names if name not in skipped]
+    for note in notes:
+        print(note, file=sys.stderr)
+    spec = {"path": str(sd15_checkpoint()), "config_dir": str(diffusers_config_dir()),
+            "tokenizer_dir": str(clip_tokenizer_dir()), "device": args.device, "steps": args.steps,
+            "warmup": args.warmup, "runs": args.runs, "threads": args.threads}
+    load_before = load_average()
+    results: dict[tuple[int, str], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-txt2img-") as out_dir:
+        for size in args.sizes:  # one variant at a time: each process holds the whole model
+            for name in names:
+                start = time.perf_counter()
+                try:
+                    r = measure_txt2img({**spec, "variant": name, "size": size, "tag": f"{size}-{name}",
+                                         "out_dir": out_dir})
+                except RuntimeError as e:  # report the others; a failed variant becomes a note
+                    print(e, file=sys.stderr)
+                    notes.append(f"{name} at {size} px failed: {str(e).strip().splitlines()[-1]}")
+                    continue
+                results[size, name] = r
+                print(f"{size} px {name:15} txt2img {r['txt2img_s']:.2f} s, UNet step {r['unet_s']:.3f} s, "
+                      f"peak {_memory(r) / GB:.2f} GB ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        pairs = [compare(size, a, b, results, Path(out_dir)) for size in args.sizes
+                 for a, b in comparisons(names) if (size, a) in results and (size, b) in results]
+    if not results:
+        print("no variant ran", file=sys.stderr)
+        return 1
+    gpu = next(iter(results.values())).get("gpu")
+    command = "python tools/bench.py txt2img " + " ".join(sys.argv[2:])
+    goals = [] if cuda else txt2img_goals(pairs)
+    report = (f"### Results ({'CUDA' if cuda else 'CPU'})\n\n"
+              f"- hardware: {hardware()}{f', {gpu}' if gpu else ''}\n- versions: {versions()}\n"
+              f"- command: `{command.strip()}`\n"
+              f"- {args.device}, {args.threads} threads per process, DDIM {args.steps} steps, guidance {GUIDANCE}, "
+              f"prompt \"{PROMPT}\", empty negative prompt, batch 1; times are medians of {args.runs} runs after "
+              f"{args.warmup} warm-up runs (load: one per process); load average (1/5/15 min) {load_before} before "
+              f"and {load_average()} after\n"
+              + "".join(f"- {note}\n" for note in notes)
+              + f"\n{txt2img_tables(results, pairs, cuda)}\n" + ("\n" + "\n".join(goals) + "\n" if goals else ""))
+    publish(f"txt2img-{args.device}", report, args.write)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing ldm
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process, result as JSON on stdout
         _, loader, path, dtype, config_dir = argv
         print(json.dumps(child_load(loader, path, dtype, config_dir)))
+        return 0
+    if argv[:1] == ["_child_txt2img"]:
+        print(json.dumps(child_txt2img(json.loads(argv[1]))))
         return 0
     parser = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,6 +733,21 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--dtypes", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
     load.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     load.set_defaults(func=cmd_load)
+    t2i = sub.add_parser("txt2img", help="txt2img speed, peak memory and parity: ldm vs diffusers",
+                         description="Variants: " + ", ".join(f"{k} ({v.impl} {v.dtype}"
+                                                              f"{f', ldm.optimize.{v.optimize}' if v.optimize else ''})"
+                                                              for k, v in VARIANTS.items()))
+    t2i.add_argument("--sizes", nargs="+", type=_positive, default=[256, 512], help="image sides in pixels")
+    t2i.add_argument("--steps", type=_positive, default=10, help="DDIM steps of the whole txt2img")
+    t2i.add_argument("--runs", type=_positive, help="timed runs of each part (median); default 3, CUDA 10")
+    t2i.add_argument("--warmup", type=int, help="untimed runs of each part first; default 1, CUDA 3")
+    t2i.add_argument("--threads", type=_positive, default=2, help="torch threads in every process")
+    t2i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    t2i.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                     help=f"default: {' '.join(DEFAULT_VARIANTS['cpu'])} (CPU), {' '.join(DEFAULT_VARIANTS['cuda'])} "
+                          "(CUDA)")
+    t2i.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    t2i.set_defaults(func=cmd_txt2img)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_train  # noqa: E402  (tools/bench_train.py: the `train` subcommand)
 
