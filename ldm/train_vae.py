@@ -25,11 +25,12 @@ KL_WEIGHT = 1e-6  # the SD VAE's (kl_weight in autoencoder_kl_*.yaml)
 
 def train_vae(cfg: AutoencoderConfig, images: Callable[[Sequence[int]], Tensor], *, steps: int, batch_size: int = 32,
               lr: float = 2e-3, seed: int = 0, kl_weight: float = KL_WEIGHT, log: Callable[[dict], None] | None = None,
-              progress: bool = True) -> AutoencoderKL:
+              progress: bool = True, device: str | torch.device = "cpu") -> AutoencoderKL:
     """Train from a seeded init. `images(indices)` returns (B, 3, H, W) in [-1, 1] for sample indices; index i
-    always gives the same image. Cosine learning-rate decay after a 5% linear warm-up."""
+    always gives the same image. Cosine learning-rate decay after a 5% linear warm-up. The weights are initialised
+    on the CPU and the posterior noise comes from a CPU generator, so the run starts the same on every device."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(cfg)
+    vae = AutoencoderKL(cfg).to(device)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = max(1, steps // 20)
@@ -39,7 +40,7 @@ def train_vae(cfg: AutoencoderConfig, images: Callable[[Sequence[int]], Tensor],
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="vae", disable=not progress)
     for step in bar:
-        x = images(range(step * batch_size, (step + 1) * batch_size))
+        x = images(range(step * batch_size, (step + 1) * batch_size)).to(device)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(g))
         rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
@@ -61,7 +62,7 @@ def train_vae(cfg: AutoencoderConfig, images: Callable[[Sequence[int]], Tensor],
 @torch.no_grad()
 def latent_scale(vae: AutoencoderKL, images: Tensor) -> float:
     """1 / std of the posterior means: the factor that gives latents unit variance (how SD chose 0.18215)."""
-    return float(1.0 / vae.encode(images).mean.std())
+    return float(1.0 / vae.encode(images.to(next(vae.parameters()).device)).mean.std())
 
 
 def finetune_decoder(vae: AutoencoderKL, images: Callable[[Sequence[int]], Tensor], *, steps: int,
@@ -73,8 +74,10 @@ def finetune_decoder(vae: AutoencoderKL, images: Callable[[Sequence[int]], Tenso
         loss = mean(w |x - D(E(x).mean)|),  w = 1 + edge_weight * mean_c |x - avgpool_3x3(x)|
 
     The edge term pays for the corners and apexes that decide a shape's class (a blunted triangle reads as a
-    circle). Cosine learning-rate decay, no warm-up; deterministic from `seed` via the batch order."""
+    circle). Cosine learning-rate decay, no warm-up; deterministic from `seed` via the batch order. Runs on the
+    device the VAE is on."""
     torch.manual_seed(seed)
+    device = next(vae.parameters()).device
     vae.train()
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
@@ -83,7 +86,7 @@ def finetune_decoder(vae: AutoencoderKL, images: Callable[[Sequence[int]], Tenso
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     start = time.perf_counter()
     for step in range(steps):
-        x = images(range(step * batch_size, (step + 1) * batch_size))
+        x = images(range(step * batch_size, (step + 1) * batch_size)).to(device)
         with torch.no_grad():
             z = vae.encode(x).mean
             edges = (x - torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)).abs().mean(1, True)
