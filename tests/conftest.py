@@ -20,3 +20,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The `tiny` preset with seeded random weights (tests/reference.random_model), one per test module. Shared by
+    the module's tests: never modify it (tests that need another dtype build their own)."""
+    import ldm
+    from reference import random_model
+
+    return random_model(ldm.preset("tiny"))[0]

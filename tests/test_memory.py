@@ -18,7 +18,6 @@ from ldm.data.shapes import ShapeSpec, render
 from ldm.images import from_pil
 from ldm.pipeline import txt2img
 from ldm.tiling import tiled_decode, tiled_encode
-from reference import random_model
 
 TILE = 24  # image pixels: tiles of 3 latent pixels at the lowest level
 LATENT_HW = (9, 11)  # 72x88 images: 3 x 4 tiles, the last column 16 pixels wide
@@ -27,11 +26,6 @@ LATENT_HW = (9, 11)  # 72x88 images: 3 x 4 tiles, the last column 16 pixels wide
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_torch_thread):
     """The tiny models run on one thread (see conftest.one_torch_thread)."""
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ldm.StableDiffusion:
-    return random_model(ldm.preset("tiny"))[0]
 
 
 @pytest.fixture(scope="module")

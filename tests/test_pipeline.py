@@ -37,12 +37,6 @@ def _one_thread(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def tiny() -> ldm.StableDiffusion:
-    """Shared by many tests: never modify it (the tests that need another dtype build their own)."""
-    return random_model(ldm.preset("tiny"))[0]
-
-
-@pytest.fixture(scope="module")
 def init_image() -> Image.Image:
     return parity.init_image(SIZE)
 
