@@ -14,7 +14,10 @@ Error metric: rel = max|ours - ref| / max|ref|, computed in float64.
 """
 from __future__ import annotations
 
+import gzip
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import ldm
 from ldm.checkpoint import build_and_adopt
 from ldm.config import ModelConfig
+from ldm.tokenizer import find_vocab
 
 TOLERANCE = 1e-4  # relative error allowed in fp32 (the issue's figure)
 
@@ -199,6 +203,25 @@ def reference_text(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> CLIPTextM
     # the one non-persistent buffer, (1, 77) positions, as CLIPTextEmbeddings makes it
     getattr(model, "text_model", model).embeddings.register_buffer("position_ids", torch.arange(cfg.text.max_length)[None], persistent=False)
     return _adopt(model, convert_text(cfg, checkpoint, model))
+
+
+# --- the SD CLIP tokenizer, offline ------------------------------------------------------------------------------
+
+def write_clip_tokenizer_files(directory: Path) -> Path:
+    """vocab.json and merges.txt for transformers' CLIPTokenizer in `directory`, derived from the BPE vocabulary
+    open_clip ships (found by `ldm.tokenizer.find_vocab` without importing open_clip): the files of the hub's SD
+    tokenizer, which is out of reach here. transformers' byte table keeps this independent of ldm's tokenizer."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    lines = gzip.decompress(find_vocab().read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return directory
 
 
 # --- comparisons ----------------------------------------------------------------------------------------------------

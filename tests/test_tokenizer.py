@@ -1,8 +1,6 @@
 """The from-scratch CLIP tokenizer: known ids, padding, truncation, parity with transformers, vocab lookup."""
 from __future__ import annotations
 
-import gzip
-import json
 import subprocess
 import sys
 import warnings
@@ -108,16 +106,9 @@ PARITY_PROMPTS = [
 def reference_tokenizer(tmp_path_factory):
     """transformers' CLIPTokenizer built offline from vocab.json and merges.txt derived from the gz file."""
     transformers = pytest.importorskip("transformers")
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from reference import write_clip_tokenizer_files
 
-    lines = gzip.decompress(find_vocab().read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    directory = tmp_path_factory.mktemp("clip-tokenizer")
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    directory = write_clip_tokenizer_files(tmp_path_factory.mktemp("clip-tokenizer"))
     return transformers.CLIPTokenizer.from_pretrained(str(directory))
 
 

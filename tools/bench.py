@@ -20,7 +20,6 @@ With `--write` the results replace the matching section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib
 import json
 import math
@@ -119,24 +118,16 @@ def diffusers_config_dir(cache: Path = CACHE) -> Path:
 
 
 def clip_tokenizer_dir(cache: Path = CACHE) -> Path:
-    """vocab.json and merges.txt for transformers' CLIPTokenizer, made from the BPE vocabulary that open_clip ships
-    (as tools/pipeline_parity.py does): diffusers' pipeline needs a tokenizer, and the hub is out of reach."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    from ldm.tokenizer import find_vocab
-
+    """vocab.json and merges.txt for transformers' CLIPTokenizer, made once from the BPE vocabulary that open_clip
+    ships (`tests/reference.write_clip_tokenizer_files`): diffusers' pipeline needs a tokenizer, and the hub is
+    out of reach."""
     root = cache / "clip-tokenizer"
     if (root / "merges.txt").exists():
         return root
-    lines = gzip.decompress(find_vocab().read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return root
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference import write_clip_tokenizer_files
+
+    return write_clip_tokenizer_files(root)
 
 
 # --- one measurement, in a child process ---------------------------------------------------------------------------

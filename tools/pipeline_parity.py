@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import gzip
-import json
 import platform
 import shutil
 import sys
@@ -44,14 +42,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
-from reference import random_model, reference_text, reference_unet, reference_vae  # noqa: E402
+from reference import (random_model, reference_text, reference_unet, reference_vae,  # noqa: E402
+                       write_clip_tokenizer_files)
 
 import ldm  # noqa: E402
 from ldm.config import ModelConfig  # noqa: E402
 from ldm.pipeline import decode, img2img, txt2img  # noqa: E402
 from ldm.samplers import generators_for, randn  # noqa: E402
 from ldm.schedules import start_index, timesteps  # noqa: E402
-from ldm.tokenizer import find_vocab  # noqa: E402
 
 TOLERANCE = 1e-3  # max abs pixel difference in [0, 1], fp32 (the issue's figure)
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry, low quality"
@@ -62,19 +60,11 @@ GUIDANCE = 7.5
 
 @cache
 def _tokenizer_dir() -> Path:
-    """vocab.json and merges.txt for transformers' CLIPTokenizer, derived from open_clip's bpe_simple_vocab gz."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    lines = gzip.decompress(find_vocab().read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    """vocab.json and merges.txt for transformers' CLIPTokenizer (`reference.write_clip_tokenizer_files`), in a
+    temporary folder removed at exit."""
     directory = Path(tempfile.mkdtemp(prefix="ldm-clip-tokenizer-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return directory
+    return write_clip_tokenizer_files(directory)
 
 
 def clip_tokenizer(cfg: ModelConfig) -> transformers.CLIPTokenizer:
