@@ -10,13 +10,13 @@ bit for bit. Outputs equal the plain path up to float summation order (~1e-6 rel
 return channels-last tensors, which the following GroupNorm, SiLU, adds and attention reshapes take as they
 are (no transposes; `to(memory_format=...)` is never needed).
 
-While packed, a module's `weight` is a placeholder with the right shape and dtype but no data: the context
-is for inference only (no autograd, no `.to()`, no `state_dict()` inside it). The pipeline enters it for the
-duration of a txt2img/img2img call on CPU.
+While packed, a module's `weight` is a placeholder with the right shape and dtype but no data: the block is
+for inference. Calls the packed weight cannot serve (autograd, or after a `.to()` inside the block) compute
+from its plain copy, but `state_dict()` inside the block would return placeholders. The pipeline enters it for
+the duration of a txt2img/img2img call on CPU.
 
-torch.compile (opt-in, `compile_unet`): inductor fuses the elementwise work (GroupNorm + SiLU, GEGLU, residual
-adds) and packs weights itself. The first call compiles (tens of seconds on CPU for SD's UNet, once per input
-shape); later calls are faster.
+torch.compile (opt-in, `compile_unet`): on CUDA with CUDA graphs, on CPU with inductor's freezing (which packs
+weights itself). The first call per input shape compiles (about 70 s on an H100, minutes on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ from torch import Tensor, nn
 PACKED_ATTR = "_ldm_packed"
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
-# Whether `for_inference` makes the UNet and VAE weights channels-last on CUDA (kept after the call). Off: on the
-# lent H100 it was not measurably faster (fp16 512 px batch 2: 24.7-33.4 it/s plain, 25.7-30.7 channels-last,
-# runs of 40 steps; that step is bound by kernel launches, which `compile_unet` removes).
-CUDA_CHANNELS_LAST = False
 
 
 def mkldnn_available() -> bool:
@@ -74,12 +70,20 @@ def _bias(self: nn.Module, x: Tensor) -> Tensor | None:
     return None if self.bias is None else self.bias.detach().to(x.dtype)
 
 
+def _conv(conv: nn.Conv2d, x: Tensor, padding: list[int], stride: list[int]) -> Tensor:
+    """`conv`'s convolution of x with the given zero padding and stride: from the packed weight where it can
+    serve, else F.conv2d on the plain one."""
+    if PACKED_ATTR not in conv.__dict__:
+        return F.conv2d(x, conv.weight, conv.bias, stride, padding, conv.dilation, conv.groups)
+    if not _eligible(conv, x):
+        return F.conv2d(x, _dense(conv, x), _bias(conv, x), stride, padding, conv.dilation, conv.groups)
+    args = padding, stride, list(conv.dilation), conv.groups
+    w = _packed(conv, lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape)))
+    return torch.ops.mkldnn._convolution_pointwise(x, w, _bias(conv, x), *args, "none", [], "")
+
+
 def _packed_conv(self: nn.Conv2d, x: Tensor) -> Tensor:
-    if not _eligible(self, x):
-        return self._conv_forward(x, _dense(self, x), _bias(self, x))
-    args = list(self.padding), list(self.stride), list(self.dilation), self.groups
-    w = _packed(self, lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape)))
-    return torch.ops.mkldnn._convolution_pointwise(x, w, _bias(self, x), *args, "none", [], "")
+    return _conv(self, x, list(self.padding), list(self.stride))
 
 
 def _packed_linear(self: nn.Linear, x: Tensor) -> Tensor:
@@ -92,15 +96,9 @@ def _packed_linear(self: nn.Linear, x: Tensor) -> Tensor:
 
 
 def conv2d(conv: nn.Conv2d, x: Tensor, padding: int, stride: int = 1) -> Tensor:
-    """`conv`'s convolution with another zero padding (for tiled execution, `ldm.tiling`): F.conv2d on its
-    weights, or on its packed weight inside a `packed_weights` block."""
-    if PACKED_ATTR not in conv.__dict__:
-        return F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
-    if not _eligible(conv, x):
-        return F.conv2d(x, _dense(conv, x), _bias(conv, x), stride=stride, padding=padding)
-    args = [padding] * 2, [stride] * 2, list(conv.dilation), conv.groups
-    w = _packed(conv, lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape)))
-    return torch.ops.mkldnn._convolution_pointwise(x, w, _bias(conv, x), *args, "none", [], "")
+    """`conv`'s convolution with another zero padding (for tiled execution, `ldm.tiling`), on its packed weight
+    inside a `packed_weights` block."""
+    return _conv(conv, x, [padding] * 2, [stride] * 2)
 
 
 def _pack(m: nn.Module) -> bool:
@@ -141,16 +139,14 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]:
 @contextlib.contextmanager
 def for_inference(sd) -> Iterator[None]:
     """What a txt2img/img2img call runs under. On CPU: prepacked weights for the text encoder, the VAE and the
-    UNet (a compiled UNet packs its own). On CUDA: channels-last UNet and VAE weights (kept after the call)."""
+    UNet (a compiled UNet packs its own). Elsewhere nothing: channels-last weights on CUDA were tried and not
+    measurably faster on an H100 (docs/benchmarks.md); the eager step there is bound by kernel launches, which
+    `compile_unet` removes."""
     with contextlib.ExitStack() as stack:
         if CPU_PREPACK and sd.device.type == "cpu":
             for part in (sd.text_encoder, sd.vae, sd.unet):
                 if not is_compiled(part):
                     stack.enter_context(packed_weights(part))
-        elif CUDA_CHANNELS_LAST and sd.device.type == "cuda":
-            # cuDNN's fp16/bf16 convolutions compute in NHWC: with NCHW weights every call transposes
-            for part in (sd.unet, sd.vae):
-                part.to(memory_format=torch.channels_last)
         yield
 
 
