@@ -27,6 +27,7 @@ GEN_DEFAULTS: dict[str, Any] = {
     "width": None, "height": None, "n_samples": 1, "n_iter": 1, "precision": "auto", "device": "auto",
     "attention": "sdpa", "clip_skip": 1, "eta": None, "strength": 0.75, "upcast_attention": False, "quiet": False,
     "grid": False, "compile": False, "vae_tiling": False, "vae_tile_size": None, "vae_slicing": None, "attention_slicing": None,
+    "guidance_interval": None,  # None: the model's own (ldm.config.ModelConfig.guidance_interval)
 }
 
 
@@ -79,6 +80,9 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
                    help="sigma schedule (default karras; ddim/plms/ddpm use discrete)")
     p.add_argument("--scale", "--cfg", dest="scale", type=float, default=S,
                    help=f"classifier-free guidance scale (default {GEN_DEFAULTS['scale']})")
+    p.add_argument("--guidance-interval", dest="guidance_interval", nargs=2, metavar=("LO", "HI"), default=S,
+                   help="guide only at noise levels LO < sigma <= HI (HI may be inf); '0 inf' guides every step. "
+                        "Default: the model's own (the demo model: 1 inf; SD: every step)")
     p.add_argument("--eta", type=float, default=S, help="noise of ddim and the ancestral/SDE samplers")
     p.add_argument("--seed", type=int, default=S, help="seed of the first image; image i uses seed + i (default random)")
     p.add_argument("--W", "--width", dest="width", type=int, default=S, help="width in pixels, a multiple of 8")
@@ -229,6 +233,13 @@ def check_numbers(o: dict[str, Any]) -> None:
     if tile is not None and (tile < 8 or tile % 8):
         raise UsageError(f"--vae-tile-size must be a positive multiple of 8, got {tile}")
     o["attention_slicing"] = parse_attention_slicing(o["attention_slicing"])
+    if o["guidance_interval"] is not None:
+        from .config import check_interval
+
+        try:
+            o["guidance_interval"] = check_interval(o["guidance_interval"])
+        except ValueError as e:
+            raise UsageError(f"--guidance-interval: {e}; e.g. --guidance-interval 1 inf") from None
 
 
 def parse_attention_slicing(value: str | None) -> int | str | None:
@@ -246,6 +257,7 @@ def png_to_options(p: dict[str, Any]) -> dict[str, Any]:
     made it and do not change the image beyond float rounding."""
     out = {"prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt", ""), "steps": p.get("steps"),
            "sampler": p.get("sampler"), "schedule": p.get("schedule"), "scale": p.get("guidance"),
+           "guidance_interval": p.get("guidance_interval"),
            "seed": p.get("seed"), "width": p.get("width"), "height": p.get("height"), "eta": p.get("eta"),
            "clip_skip": p.get("clip_skip", 1), "precision": p.get("precision"), "device": p.get("device_type"),
            "attention": p.get("attention"), "upcast_attention": p.get("upcast_attention"),
@@ -324,6 +336,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     common = dict(negative_prompt=opts["negative_prompt"], steps=opts["steps"], guidance=opts["scale"],
                   sampler=opts["sampler"], schedule=opts["schedule"], width=opts["width"], height=opts["height"],
                   batch_size=n, clip_skip=opts["clip_skip"], eta=opts["eta"],
+                  guidance_interval=opts["guidance_interval"],
                   vae_tiling=opts["vae_tiling"] or opts["vae_tile_size"] is not None,
                   vae_slicing=opts["vae_slicing"], attention_slicing=opts["attention_slicing"])
     if opts["vae_tile_size"] is not None:

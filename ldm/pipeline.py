@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import __version__, attention
 from .denoisers import DiscreteDenoiser
-from .guidance import CFGDenoiser
+from .guidance import CFGDenoiser, Interval, check_interval
 from .images import fit_init_image, from_pil, to_pil
 from .optimize import for_inference
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
@@ -95,7 +95,8 @@ def resolve_schedule(sampler: str, schedule: str | None) -> str:
     return alias_schedule or schedule or "discrete"
 
 
-def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guidance_rescale: float = 0.0) -> CFGDenoiser:
+def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guidance_rescale: float = 0.0,
+                  guidance_interval: Interval | None = None) -> CFGDenoiser:
     """The UNet as a guided denoiser D(x, σ) on the model's training schedule (float64)."""
     unet = sd.unet
 
@@ -107,7 +108,8 @@ def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guid
         return out
 
     base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction)
-    return CFGDenoiser(base, cond, uncond if guidance != 1.0 else None, guidance, guidance_rescale)
+    return CFGDenoiser(base, cond, uncond if guidance != 1.0 else None, guidance, guidance_rescale,
+                       guidance_interval)
 
 
 class ImageByImage:
@@ -198,8 +200,8 @@ class MemoryOptions:
 @torch.no_grad()
 def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidance: float, sampler: str,
              schedule: str | None, width: int, height: int, seeds: list[int], clip_skip: int = 1,
-             eta: float | None = None, guidance_rescale: float = 0.0, init_latents: Tensor | None = None,
-             strength: float = 1.0, noise: Tensor | None = None, callback: StepCallback | None = None,
+             eta: float | None = None, guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
+             init_latents: Tensor | None = None, strength: float = 1.0, noise: Tensor | None = None, callback: StepCallback | None = None,
              image_by_image: bool = True, generators: list[torch.Generator] | None = None) -> Tensor:
     """The core shared by txt2img and img2img: returns the final scaled latents (B, 4, h, w).
 
@@ -228,9 +230,10 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
     uncond = sd.encode_prompt(negatives, clip_skip=clip_skip) if guidance != 1.0 else None
     if image_by_image and len(prompts) > 1:
         denoiser = ImageByImage([make_denoiser(sd, cond[i:i + 1], None if uncond is None else uncond[i:i + 1],
-                                               guidance, guidance_rescale) for i in range(len(prompts))])
+                                               guidance, guidance_rescale, guidance_interval)
+                                 for i in range(len(prompts))])
     else:
-        denoiser = make_denoiser(sd, cond, uncond, guidance, guidance_rescale)
+        denoiser = make_denoiser(sd, cond, uncond, guidance, guidance_rescale, guidance_interval)
 
     def on_step(info: dict) -> None:
         if callback is not None:
@@ -244,7 +247,7 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
 
 def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,
             height: int, negative_prompt: Any, clip_skip: int, eta: float | None, guidance_rescale: float,
-            extra: dict[str, Any]) -> dict[str, Any]:
+            guidance_interval: Interval | None, extra: dict[str, Any]) -> dict[str, Any]:
     name, _ = resolve_sampler(sampler)
     schedule = resolve_schedule(sampler, schedule)
     display = {"karras": " Karras", "exponential": " Exponential"}.get(schedule, "")
@@ -253,10 +256,16 @@ def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, gu
         "steps": steps, "guidance": guidance, "width": width, "height": height,
         "negative_prompt": negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt),
         "clip_skip": clip_skip, "eta": eta, "guidance_rescale": guidance_rescale,
+        "guidance_interval": None if guidance_interval is None else list(guidance_interval),
         "model": getattr(sd, "source_name", sd.config.name), "model_sha256": getattr(sd, "source_sha256", None),
         "prediction": sd.prediction, "dtype": str(sd.dtype).replace("torch.", ""), "device": str(sd.device),
         "version": __version__, **extra,
     }
+
+
+def model_interval(sd, interval: Interval | None) -> Interval | None:
+    """The guidance interval asked for, or the model's own when None (checked: ValueError if invalid)."""
+    return check_interval(sd.config.guidance_interval if interval is None else interval)
 
 
 def _batch_invariant(sd, flag: bool | None) -> bool:
@@ -274,18 +283,22 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
             guidance: float = 7.5, sampler: str = "dpmpp_2m", schedule: str | None = "karras",
             width: int | None = None, height: int | None = None, seed: int | None = None, batch_size: int = 1,
             latents: Tensor | None = None, clip_skip: int = 1, eta: float | None = None,
-            guidance_rescale: float = 0.0, callback: StepCallback | None = None,
-            batch_invariant: bool | None = None, vae_tiling: bool = False, vae_tile_size: int = DEFAULT_TILE_SIZE,
-            vae_slicing: bool | None = None, attention_slicing: int | str | None = None) -> Result:
+            guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
+            callback: StepCallback | None = None, batch_invariant: bool | None = None, vae_tiling: bool = False,
+            vae_tile_size: int = DEFAULT_TILE_SIZE, vae_slicing: bool | None = None,
+            attention_slicing: int | str | None = None) -> Result:
     """Generate images from text. `prompt` may be a list (one image per prompt, times `batch_size`); image i gets
     seed `seed + i`. `latents` (B, 4, h, w) replaces the initial unit-variance noise. `schedule` is the σ schedule
     of the k-samplers (see `resolve_schedule`: ddim/plms/ddpm keep their discrete grid). `batch_invariant` (default:
     on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit.
+    `guidance_interval` (lo, hi) applies guidance only at noise levels lo < σ <= hi (hi None: no bound; see
+    `ldm.guidance`); None takes the model's own (`config.guidance_interval`, None for SD: every step).
 
     Memory (see `MemoryOptions`): `vae_tiling` decodes in tiles of `vae_tile_size` pixels; `vae_slicing` decodes
     one image at a time (default: when batch invariant); `attention_slicing` (query rows per slice, or "auto")
     slices attention for this call only."""
     memory = MemoryOptions(vae_tiling, vae_tile_size, vae_slicing, attention_slicing).check(sd)
+    interval = model_interval(sd, guidance_interval)
     width = width or sd.config.image_size
     height = height or sd.config.image_size
     invariant = _batch_invariant(sd, batch_invariant)
@@ -295,12 +308,13 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
     with memory.sliced_attention(), for_inference(sd):
         out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                        width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
-                       guidance_rescale=guidance_rescale, noise=latents, callback=callback,
+                       guidance_rescale=guidance_rescale, guidance_interval=interval, noise=latents, callback=callback,
                        image_by_image=invariant)
         images = decode(sd, out, image_by_image=memory.image_by_image(invariant), tile_size=memory.tile_size)
         params = _params(sd, mode="txt2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                          width=width, height=height, negative_prompt=negative_prompt, clip_skip=clip_skip, eta=eta,
-                         guidance_rescale=guidance_rescale, extra=memory.params(invariant))
+                         guidance_rescale=guidance_rescale, guidance_interval=interval,
+                         extra=memory.params(invariant))
     params["batch_invariant"] = invariant
     return Result(to_pil(images), seeds, prompts, params, out)
 
@@ -309,18 +323,20 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
             negative_prompt: str | Sequence[str] = "", steps: int = 30, guidance: float = 7.5,
             sampler: str = "dpmpp_2m", schedule: str | None = "karras", width: int | None = None,
             height: int | None = None, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-            eta: float | None = None, guidance_rescale: float = 0.0, callback: StepCallback | None = None,
-            batch_invariant: bool | None = None, vae_tiling: bool = False, vae_tile_size: int = DEFAULT_TILE_SIZE,
-            vae_slicing: bool | None = None, attention_slicing: int | str | None = None) -> Result:
+            eta: float | None = None, guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
+            callback: StepCallback | None = None, batch_invariant: bool | None = None, vae_tiling: bool = False,
+            vae_tile_size: int = DEFAULT_TILE_SIZE, vae_slicing: bool | None = None,
+            attention_slicing: int | str | None = None) -> Result:
     """Re-imagine `image`: encode it, noise it to the level set by `strength` and sample from there.
 
     The sampler runs the last int(strength * steps) steps of the schedule (CompVis), starting from the image's
     latent noised to the level of the first step it runs (as diffusers). Strength 1 runs every step from
     x_0 + σ_max ε, so the image keeps a small weight (1 / σ_max ≈ 0.07), as in CompVis, diffusers and A1111. An image is taken at its own size rounded down to a multiple of 8 unless
     width/height ask for another size (resized with Lanczos). A tensor image is (3, H, W) or (1, 3, H, W) in [-1, 1].
-    The memory options are those of `txt2img`; `vae_tiling` also encodes the init image in tiles.
+    The memory and guidance options are those of `txt2img`; `vae_tiling` also encodes the init image in tiles.
     """
     memory = MemoryOptions(vae_tiling, vae_tile_size, vae_slicing, attention_slicing).check(sd)
+    interval = model_interval(sd, guidance_interval)
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if isinstance(image, Image.Image):
@@ -345,12 +361,12 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
         noise = randn(init.shape[1:], generators, device=sd.device)
         out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                        width=int(width), height=int(height), seeds=seeds, clip_skip=clip_skip, eta=eta,
-                       guidance_rescale=guidance_rescale, init_latents=init, strength=strength, noise=noise,
+                       guidance_rescale=guidance_rescale, guidance_interval=interval, init_latents=init, strength=strength, noise=noise,
                        callback=callback, image_by_image=invariant, generators=generators)
         images = decode(sd, out, image_by_image=memory.image_by_image(invariant), tile_size=memory.tile_size)
         params = _params(sd, mode="img2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
                          width=int(width), height=int(height), negative_prompt=negative_prompt, clip_skip=clip_skip,
-                         eta=eta, guidance_rescale=guidance_rescale,
+                         eta=eta, guidance_rescale=guidance_rescale, guidance_interval=interval,
                          extra={"strength": strength, **memory.params(invariant)})
     params["batch_invariant"] = invariant
     return Result(to_pil(images), seeds, prompts, params, out)

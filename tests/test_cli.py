@@ -147,6 +147,22 @@ def test_from_png_replays_bit_exactly_and_flags_override(capsys, ckpt, tmp_path)
     assert not np.array_equal(pixels(changed), pixels(first))
 
 
+def test_guidance_interval_flag_is_stored_and_replayed(capsys, ckpt, tmp_path):
+    code, _, _ = txt2img(capsys, ckpt, tmp_path / "a", "--seed", "5", "--guidance-interval", "1.5", "inf")
+    assert code == 0
+    first, = pngs(tmp_path / "a")
+    assert ldm_params(first)["guidance_interval"] == [1.5, None]
+    code, _, _ = txt2img(capsys, ckpt, tmp_path / "plain", "--seed", "5")  # the tiny model guides every step
+    assert code == 0
+    plain, = pngs(tmp_path / "plain")
+    assert ldm_params(plain)["guidance_interval"] is None
+    assert not np.array_equal(pixels(plain), pixels(first))
+    code, _, _ = run(capsys, "txt2img", "--from-png", first, "--outdir", tmp_path / "b", "--quiet")
+    assert code == 0
+    replay, = pngs(tmp_path / "b")
+    assert np.array_equal(pixels(replay), pixels(first))
+
+
 def test_img2img_crops_to_a_multiple_of_8_and_replays(capsys, ckpt, tmp_path, init_png):
     code, _, _ = run(capsys, "img2img", "a green circle", "--init-img", init_png, "--ckpt", ckpt, "--outdir",
                      tmp_path / "a", "--quiet", "--steps", "4", "--strength", "0.5", "--seed", "9")
@@ -335,6 +351,10 @@ BAD = {  # name: (command, extra args (with {tmp}, {init} substituted), fragment
     "strength 0": ("img2img", ["--init-img", "{init}", "--strength", "0"], ["--strength", "(0, 1]", "got 0.0"]),
     "strength above 1": ("img2img", ["--init-img", "{init}", "--strength", "1.5"], ["--strength", "(0, 1]"]),
     "strength negative": ("img2img", ["--init-img", "{init}", "--strength", "-0.2"], ["--strength", "(0, 1]"]),
+    "guidance interval reversed": ("txt2img", ["--guidance-interval", "2", "1"],
+                                   ["--guidance-interval", "0 <= lo < hi", "1 inf"]),
+    "guidance interval not a number": ("txt2img", ["--guidance-interval", "low", "inf"],
+                                       ["--guidance-interval", "pair (lo, hi)"]),
     "strength runs no step": ("img2img", ["--init-img", "{init}", "--strength", "0.1"], ["runs no step"]),
     "unknown sampler": ("txt2img", ["--sampler", "dpm_fast"],
                         ["unknown sampler 'dpm_fast'", "ddim", "plms", "euler_a", "dpmpp_2m", "dpmpp_sde", "DPM++ 2M"]),

@@ -298,6 +298,9 @@ def test_half_precision_vae_nan_decodes_again_in_fp32(monkeypatch):
     (dict(sampler="nope"), r"unknown sampler 'nope'; valid names: ddpm, ddim, plms, euler, euler_a"),
     (dict(seed=-1), r"seed must be in \[0, "),
     (dict(guidance=-1.0), r"guidance scale must be >= 0"),
+    (dict(guidance_interval=(2.0, 1.0)), r"guidance interval needs 0 <= lo < hi"),
+    (dict(guidance_interval=(-1.0, None)), r"guidance interval needs 0 <= lo < hi"),
+    (dict(guidance_interval=3.0), r"guidance interval must be a pair"),
     (dict(batch_size=0), r"batch_size must be >= 1"),
     (dict(latents=torch.zeros(1, 4, 4, 4)), r"latents must have shape \(1, 4, 8, 8\)"),
 ])
@@ -315,3 +318,22 @@ def test_txt2img_rejects_bad_input(tiny, kwargs, message):
 def test_img2img_rejects_bad_input(tiny, init_image, kwargs, message):
     with pytest.raises(ValueError, match=message):
         img2img(tiny, init_image, "x", **(dict(steps=2, seed=0) | kwargs))
+
+
+def test_guidance_interval_defaults_to_the_model_and_skips_the_unconditional_pass(tiny, monkeypatch):
+    """None takes the model's interval; outside it the UNet runs on the conditional half alone, so a model whose
+    interval holds no step samples as guidance 1 does; an explicit interval overrides the model's."""
+    args = dict(steps=4, width=64, height=64, seed=3, sampler="euler", batch_invariant=False)
+    everywhere = txt2img(tiny, "x", **args)
+    assert everywhere.params["guidance_interval"] is None
+    batches = []
+    forward = tiny.unet.forward
+    monkeypatch.setattr(tiny.unet, "forward", lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k))
+    monkeypatch.setattr(tiny, "config", tiny.config.replace(guidance_interval=(1e6, None)))  # above every σ
+    unguided = txt2img(tiny, "x", **args)
+    assert batches == [1] * 4 and unguided.params["guidance_interval"] == [1e6, None]
+    assert torch.equal(unguided.latents, txt2img(tiny, "x", **(args | dict(guidance=1.0))).latents)
+    batches.clear()
+    explicit = txt2img(tiny, "x", guidance_interval=(0.0, float("inf")), **args)
+    assert batches == [2] * 4 and explicit.params["guidance_interval"] == [0.0, None]
+    assert torch.equal(explicit.latents, everywhere.latents)

@@ -362,6 +362,34 @@ def test_cfg_batches_uncond_and_cond_and_skips_uncond_at_scale_one():
         CFGDenoiser(inner, cond, None, scale=5.0)
 
 
+def test_cfg_guidance_interval_guides_only_inside_it():
+    """Kynkäänniemi et al. 2024: guidance for lo < σ <= hi, the conditional pass alone (batch B) elsewhere, and
+    per sample when a batch straddles a bound."""
+    calls = []
+    inner = DiscreteDenoiser(_conditional_model(calls), AC, "v")
+    cond, uncond = torch.tensor([[[1.0]], [[-1.0]]]), torch.tensor([[[0.0]], [[0.3]]])
+    x = randn((1, 4, 4), generators_for([1, 2])) * 3
+    plain = CFGDenoiser(inner, cond, uncond, scale=7.5)
+    limited = CFGDenoiser(inner, cond, uncond, scale=7.5, interval=(1.0, 4.0))
+    for level, guided in ((0.5, False), (1.0, False), (1.5, True), (4.0, True), (6.0, False)):
+        sigma = torch.full((2,), level)
+        calls.clear()
+        out = limited(x, sigma)
+        assert calls == ([4] if guided else [2]), level
+        expected = plain(x, sigma) if guided else inner(x, sigma, cond=cond)
+        assert torch.equal(out, expected), level
+    sigma = torch.tensor([0.5, 1.5])  # one sample on each side of lo
+    out = limited(x, sigma)
+    assert torch.equal(out[1], plain(x, sigma)[1])
+    assert torch.allclose(out[0], inner(x, sigma, cond=cond)[0], rtol=1e-6, atol=1e-6)
+    open_ended = CFGDenoiser(inner, cond, uncond, scale=7.5, interval=(1.0, float("inf")))
+    assert open_ended.interval == (1.0, None)
+    assert torch.equal(open_ended(x, torch.full((2,), 1e4)), plain(x, torch.full((2,), 1e4)))
+    for bad in ((2.0, 1.0), (-0.1, None), (1.0, 1.0), (float("nan"), None), "1-2", (1.0,)):
+        with pytest.raises(ValueError, match="guidance interval"):
+            CFGDenoiser(inner, cond, uncond, scale=7.5, interval=bad)
+
+
 def test_guidance_rescale_matches_diffusers_on_v_predictions():
     rescale_noise_cfg = pytest.importorskip(
         "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion").rescale_noise_cfg
