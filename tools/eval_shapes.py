@@ -7,8 +7,8 @@
 
 Prompts: every held-out caption of `ldm.data.shapes` (96) and a seeded sample of `--n-seen` train captions.
 Image k (held-out first, then seen) uses seed `--seed + k`, so a run is reproducible and a prompt keeps its seed
-whatever `--batch-size` is. Steps, sampler and guidance are passed only when given, so that the pipeline's
-defaults (the ones `make run` uses) apply otherwise. `--dataset` classifies rendered, jittered images of the same
+whatever `--batch-size` is. Steps, sampler, guidance and its interval are passed only when given, so that the
+pipeline's defaults and the model's guidance interval (the ones `make run` uses) apply otherwise. `--dataset` classifies rendered, jittered images of the same
 prompts instead of model outputs, which checks the classifier rather than the model; `--roundtrip` classifies
 those images encoded and decoded by the checkpoint's VAE (posterior mean): the best the UNet could do.
 
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--guidance-interval", nargs=2, type=float, default=None, metavar=("LO", "HI"),
+                   help="guide only at LO < sigma <= HI; '0 inf' every step (default: the model's own)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
@@ -107,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.roundtrip:
         generate = roundtrip_generator(args.ckpt, args.device, args.size)
     else:
-        options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("guidance", args.scale))
-                   if v is not None}
+        options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("guidance", args.scale),
+                                     ("guidance_interval", args.guidance_interval)) if v is not None}
         generate = model_generator(args.ckpt, args.device, args.size, **options)
     seen, heldout = eval_specs(args.n_seen, args.seed)
     specs = heldout + seen
