@@ -2,6 +2,7 @@
 batch, one writer (rank 0), identical EMA on every rank, and a bit-exact resume after SIGKILL."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +44,17 @@ def launch(num_processes: int, *args: str, env: dict | None = None) -> subproces
            "--num_machines", "1", "--machine_rank", "0", "--main_process_port", str(free_port()),
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    # its own session, so that a timeout kills the workers too, not just the launcher (a hung rank left behind
+    # would slow every later test)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"`accelerate launch` timed out after 240 s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def write_config(tmp_path: Path, **sections) -> Path:
