@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
 from .config import UNetConfig
+from .ops import SiLU, add_into, add_residual
 
 TIME_EMBED_MAX_PERIOD = 10000
 
@@ -64,20 +65,18 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float = 0.0):
         super().__init__()
         # in_layers.{0,2} and out_layers.{0,3}: Sequential indices kept for the checkpoint keys
-        # SiLU in place on the fresh GroupNorm output (its backward needs only the result): one activation-sized
-        # allocation less per norm. Not on emb, which every ResBlock reads.
-        self.in_layers = nn.Sequential(normalization(channels, groups), nn.SiLU(inplace=True),
+        self.in_layers = nn.Sequential(normalization(channels, groups), SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(normalization(out_channels, groups), nn.SiLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))  # emb is shared: not in place
+        self.out_layers = nn.Sequential(normalization(out_channels, groups), SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)                              # (B, C_out, H, W)
-        h = h.add_(self.emb_layers(emb).type(h.dtype)[:, :, None, None])  # conv outputs: safe to add in place
-        return self.out_layers(h).add_(self.skip_connection(x))
+        h = add_into(h, self.emb_layers(emb).type(h.dtype)[:, :, None, None])
+        return add_residual(self.skip_connection(x), self.out_layers(h))
 
 
 class CrossAttention(nn.Module):
@@ -107,9 +106,9 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled():
             return x * F.gelu(gate)
-        return F.gelu(gate).mul_(x)  # inference: the product into gelu's output, one allocation less
+        return F.gelu(gate).mul_(x)  # inference: the product into gelu's fresh output (ldm.ops)
 
 
 class FeedForward(nn.Module):
@@ -135,10 +134,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        # residuals added into the fresh output of each branch's last Linear (same sums as x + branch)
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
+        x = add_residual(x, self.attn1(self.norm1(x)))
+        x = add_residual(x, self.attn2(self.norm2(x), context))
+        return add_residual(x, self.ff(self.norm3(x)))
 
 
 class SpatialTransformer(nn.Module):
@@ -174,7 +172,7 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(b, -1, h, w)        # (B, C, H, W)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x.add_(x_in)
+        return add_into(x, x_in)
 
 
 class Downsample(nn.Module):
@@ -266,8 +264,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
         # out.{0,2}: checkpoint keys
-        self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(inplace=True),
-                                 nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch, groups), SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _run(self, block: TimestepEmbedSequential, *args) -> Tensor:
         if self.gradient_checkpointing and self.training:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .config import AutoencoderConfig
+from .ops import add_into, add_residual, silu
 from .tiling import DEFAULT_TILE_SIZE, tiled_decode, tiled_encode
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the original
@@ -31,11 +32,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # SiLU in place on the fresh GroupNorm output, the residual added into conv2's: at 512x512 and beyond these
-        # activations are hundreds of MB, and every allocation of that size is fresh memory to fault in
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
-        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
+        return add_into(h, x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -54,7 +53,7 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         q, k, v = (proj(y).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, N, C)
         out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
-        return self.proj_out(out).add_(x)
+        return add_residual(x, self.proj_out(out))
 
 
 class Downsample(nn.Module):
@@ -127,7 +126,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -152,7 +151,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class DiagonalGaussian:
