@@ -2,10 +2,11 @@
 
 At 512x512 and beyond an activation is tens to hundreds of MB, and a fresh tensor of that size is fresh memory
 for the kernel to fault in: SiLU and residual sums written into a tensor that nobody else reads save one such
-allocation each (SD 1.5 on 2 CPU cores: UNet step -5%, VAE decode -7 to -12%; docs/benchmarks.md). With grad
-enabled they are exactly the out-of-place expressions, operands in the same order, so training runs the same
-ops and gives the same bits as without them (an in-place sum keeps its target's memory layout, which can change
-the float rounding of the next convolution).
+allocation each (SD 1.5 on 2 CPU cores: UNet step -5%, VAE decode -7 to -12%; docs/benchmarks.md). Every
+result equals the out-of-place expression to the bit, memory layout included (the layout decides the rounding of
+the next convolution, and `make demo-model` must give the shipped file): with grad enabled they are the
+out-of-place expressions, operands in the same order; in place, only where the target already has the layout
+that `a + b` would give.
 """
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from torch import Tensor, nn
 
 
 def add_residual(a: Tensor, b: Tensor) -> Tensor:
-    """a + b; at inference summed into b, which must be a fresh layer output that nothing else reads."""
-    return a + b if torch.is_grad_enabled() else b.add_(a)
+    """a + b; at inference summed into b, which must be a fresh layer output that nothing else reads, when b has
+    a's memory layout (`a + b` takes a's layout, and the layout decides the rounding of the next convolution)."""
+    if torch.is_grad_enabled() or a.shape != b.shape or a.stride() != b.stride():
+        return a + b
+    return b.add_(a)
 
 
 def add_into(a: Tensor, b: Tensor) -> Tensor:
-    """a + b; at inference summed into a, which must be a fresh layer output that nothing else reads."""
+    """a + b; at inference summed into a, which must be a fresh layer output that nothing else reads (a + b has
+    a's layout too, so the result is the same to the bit)."""
     return a + b if torch.is_grad_enabled() else a.add_(b)
 
 
