@@ -25,8 +25,9 @@ from PIL import Image
 from torch import Tensor
 
 from . import __version__, attention
+from .config import Interval, check_interval
 from .denoisers import DiscreteDenoiser
-from .guidance import CFGDenoiser, Interval, check_interval
+from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
 from .optimize import for_inference
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
@@ -201,7 +202,8 @@ class MemoryOptions:
 def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidance: float, sampler: str,
              schedule: str | None, width: int, height: int, seeds: list[int], clip_skip: int = 1,
              eta: float | None = None, guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
-             init_latents: Tensor | None = None, strength: float = 1.0, noise: Tensor | None = None, callback: StepCallback | None = None,
+             init_latents: Tensor | None = None, strength: float = 1.0, noise: Tensor | None = None,
+             callback: StepCallback | None = None,
              image_by_image: bool = True, generators: list[torch.Generator] | None = None) -> Tensor:
     """The core shared by txt2img and img2img: returns the final scaled latents (B, 4, h, w).
 
