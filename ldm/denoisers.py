@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ldm.config import Prediction
+from ldm.ops import repeat_batch
 from ldm.schedules import sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
 
 # model_fn(x_t, t, cond) -> ε or v: x_t is the VP-scaled latent (B, C, H, W), t the timesteps (B,).
@@ -51,15 +52,20 @@ class DiscreteDenoiser:
     `quantize=True` rounds t to the nearest integer timestep, as A1111 and k-diffusion's discrete models do by
     default (diffusers also rounds for its Karras schedules of DPM-Solver and KDPM2). The σ table is kept on the
     CPU in float64 (`sigmas`, `log_sigmas`); conversions run there and only t travels to the model's device.
+
+    `shares_latents=True` declares that model_fn takes k conditionings per latent, as `UNetModel` does (k * B
+    context rows for B latents, output (k * B, ...)); `CFGDenoiser` then hands it x once for both of its passes,
+    and this denoiser returns the k x_0 predictions, (k * B, ...).
     """
 
     def __init__(self, model_fn: ModelFn, alphas_cumprod: Tensor, prediction: Prediction = "eps", *,
-                 quantize: bool = False):
+                 quantize: bool = False, shares_latents: bool = False):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         self.model_fn = model_fn
         self.prediction = prediction
         self.quantize = quantize
+        self.shares_latents = shares_latents
         self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.detach().to("cpu"))  # (T,), increasing
         self.log_sigmas = self.sigmas.log()
 
@@ -92,6 +98,8 @@ class DiscreteDenoiser:
         c_skip, c_out, c_in = self.get_scalings(s)
         t = self.sigma_to_t(sigma).to(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         out = self.model_fn((x * c_in).to(x.dtype), t, cond)
+        if out.shape[0] != x.shape[0]:  # shared latents: one prediction per conditioning, k per latent
+            x, c_skip, c_out = (repeat_batch(v, out.shape[0]) for v in (x, c_skip, c_out))
         return (x.to(dtype) * c_skip + out.to(dtype) * c_out).to(x.dtype)
 
 

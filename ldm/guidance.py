@@ -52,7 +52,8 @@ class CFGDenoiser:
 
     `cond` and `uncond` are the text embeddings (B, L, D) of the prompts and of the negative prompts (the
     empty prompt's embedding when there is none). For `scale` != 1 the unconditional and conditional passes
-    run as one batch [uncond, cond] of size 2B; `scale` == 1 is plain conditional sampling and skips the
+    run as one batch [uncond, cond] of size 2B (x itself given once when the inner denoiser `shares_latents`);
+    `scale` == 1 is plain conditional sampling and skips the
     unconditional pass. `guidance_rescale` is φ of Lin et al. 2023 (0.7 in the paper, for v-models).
     `interval` (lo, hi) limits guidance to lo < σ <= hi (see the module's docstring; None: every σ).
     """
@@ -91,7 +92,11 @@ class CFGDenoiser:
         guides = self.guides(sigma)
         if guides is not None and not guides.any():  # outside the guidance interval: the conditional pass alone
             return self.inner(x, sigma, cond=self.cond)
-        out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([self.uncond, self.cond]))
+        conds = torch.cat([self.uncond, self.cond])
+        if getattr(self.inner, "shares_latents", False):  # both passes from one copy of x (UNetModel's docstring)
+            out = self.inner(x, sigma, cond=conds)
+        else:
+            out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=conds)
         x0_uncond, x0_cond = out.chunk(2)
         guided = x0_uncond + self.scale * (x0_cond - x0_uncond)              # Ho & Salimans eq. (6)
         if self.guidance_rescale != 0.0:

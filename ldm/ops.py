@@ -29,6 +29,17 @@ def add_into(a: Tensor, b: Tensor) -> Tensor:
     return a + b if torch.is_grad_enabled() else a.add_(b)
 
 
+def repeat_batch(x: Tensor, n: int) -> Tensor:
+    """x (B, ...) as a batch of n = k * B: k copies of it one after the other, as `torch.cat([x] * k)` (which
+    keeps x's memory layout); x itself when B == n."""
+    b = x.shape[0]
+    if b == n:
+        return x
+    if n % b:
+        raise ValueError(f"cannot repeat a batch of {b} to {n}: {n} is not a multiple of {b}")
+    return torch.cat([x] * (n // b))
+
+
 def silu(x: Tensor) -> Tensor:
     """F.silu, in place at inference: x must be fresh (a GroupNorm output), never a shared input."""
     return F.silu(x, inplace=not torch.is_grad_enabled())

@@ -108,7 +108,7 @@ def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guid
                            "attention in fp32 (--upcast-attention, or ldm.attention.set_backend(upcast=True))")
         return out
 
-    base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction)
+    base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction, shares_latents=True)
     return CFGDenoiser(base, cond, uncond if guidance != 1.0 else None, guidance, guidance_rescale,
                        guidance_interval)
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
 from .config import UNetConfig
-from .ops import SiLU, add_into, add_residual
+from .ops import SiLU, add_into, add_residual, repeat_batch
 
 TIME_EMBED_MAX_PERIOD = 10000
 
@@ -135,6 +135,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = add_residual(x, self.attn1(self.norm1(x)))
+        x = repeat_batch(x, context.shape[0])  # latents shared by several prompts meet them here (UNetModel)
         x = add_residual(x, self.attn2(self.norm2(x), context))
         return add_residual(x, self.ff(self.norm3(x)))
 
@@ -157,7 +158,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        b, _, h, w = x.shape
+        _, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
@@ -169,10 +170,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)        # (B, C, H, W)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, C, H, W)
         if not self.use_linear:
             x = self.proj_out(x)
-        return add_into(x, x_in)
+        return add_into(x, repeat_batch(x_in, x.shape[0]))
 
 
 class Downsample(nn.Module):
@@ -204,7 +205,7 @@ class TimestepEmbedSequential(nn.ModuleList):
     def forward(self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, repeat_batch(emb, x.shape[0]))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             elif isinstance(layer, Upsample):
@@ -215,7 +216,14 @@ class TimestepEmbedSequential(nn.ModuleList):
 
 
 class UNetModel(nn.Module):
-    """eps- or v-predicting UNet: (x (B, 4, H, W), timesteps (B,), context (B, M, D)) -> (B, 4, H, W)."""
+    """eps- or v-predicting UNet: (x (B, 4, H, W), timesteps (B,), context (B, M, D)) -> (B, 4, H, W).
+
+    Shared latents: context may hold k * B rows for a batch of B latents (k prompts per latent, e.g. the
+    [uncond, cond] pair of classifier-free guidance). The result is then (k * B, 4, H, W), the same as for
+    x and timesteps repeated k times (`torch.cat([x] * k)`), up to float rounding, but the layers before the first
+    cross-attention (conv_in, the first ResBlocks, the first self-attention: ~3% of SD's work) run once per
+    latent instead of k times. The batch grows where the latents first meet the context.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -276,9 +284,14 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNet expects latents of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:
             raise ValueError(f"UNet expects context of shape (B, M, {self.cfg.context_dim}), got {tuple(context.shape)}")
+        if context.shape[0] % x.shape[0]:
+            raise ValueError(f"UNet got {x.shape[0]} latents for {context.shape[0]} contexts; the contexts must be "
+                             "as many as the latents or a multiple of them (latents shared by several prompts)")
         timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        if timesteps.numel() == 1:
+            timesteps = timesteps.reshape(()).expand(x.shape[0])
+        elif timesteps.shape != x.shape[:1]:
+            raise ValueError(f"UNet expects one timestep per latent ({x.shape[0]}), got shape {tuple(timesteps.shape)}")
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))  # (B, 4 * mc)
         h = x.to(dtype)
@@ -289,9 +302,9 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for i, block in enumerate(self.output_blocks):
-            h = torch.cat([h, skips.pop()], dim=1)
+            h = torch.cat([h, repeat_batch(skips.pop(), h.shape[0])], dim=1)
             # the next skip (if any) fixes the size an upsampling layer must produce
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = self._run(block, h, emb, context, size)
         # prepacked CPU convolutions (ldm.optimize) return channels-last tensors; give callers a plain one
-        return self.out(h).to(x.dtype).contiguous()
+        return repeat_batch(self.out(h).to(x.dtype).contiguous(), context.shape[0])

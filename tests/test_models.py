@@ -1,5 +1,6 @@
 """The module trees are the checkpoint: key/shape coverage of the full presets, forward shapes, round trips."""
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import ldm
 from ldm.checkpoint import expected_shapes
 from ldm.config import PRESETS, load_config, preset
+from reference import random_model
 
 DATA = Path(__file__).parent / "data"
 REFERENCE_CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs"
@@ -55,6 +57,33 @@ def test_tiny_forward_shapes(name):
     assert posterior.mean.shape == (1, 4, 8, 6)
     g = [torch.Generator().manual_seed(1)]
     assert torch.equal(posterior.sample(g), posterior.sample([torch.Generator().manual_seed(1)]))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2"])
+@pytest.mark.parametrize("attention", [(1, 2), (2,), ()])
+def test_unet_shares_latents_across_contexts(name, attention):
+    """k * B contexts for B latents give the result of the latents repeated k times; the layers before the first
+    cross-attention run on the B latents only (for the tiny presets' (2,), conv_in and a whole level of skips;
+    without any transformer, the whole UNet)."""
+    cfg = preset(name)
+    cfg = cfg.replace(unet=dataclasses.replace(cfg.unet, attention_resolutions=attention))
+    sd, _ = random_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    context = torch.randn(6, 77, cfg.unet.context_dim, generator=g)
+    batches = []
+    sd.unet.input_blocks[1].register_forward_hook(lambda m, i, out: batches.append(out.shape[0]))
+    with torch.no_grad():
+        shared = sd.unet(x, t, context)
+        repeated = sd.unet(torch.cat([x] * 3), torch.cat([t] * 3), context)
+    first_has_attention = 1 in attention
+    assert batches == [6 if first_has_attention else 2, 6]
+    assert shared.shape == repeated.shape == (6, 4, 8, 8)
+    assert (shared - repeated).abs().max() <= 1e-5 * repeated.abs().max()  # batch 2 and 6 round differently
+    with pytest.raises(ValueError, match="multiple"):
+        sd.unet(x, t, context[:3])
+    with pytest.raises(ValueError, match="one timestep per latent"):
+        sd.unet(x, torch.cat([t] * 3), context)
 
 
 def test_bad_shapes_raise_clear_errors():

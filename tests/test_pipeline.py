@@ -328,7 +328,8 @@ def test_guidance_interval_defaults_to_the_model_and_skips_the_unconditional_pas
     assert everywhere.params["guidance_interval"] is None
     batches = []
     forward = tiny.unet.forward
-    monkeypatch.setattr(tiny.unet, "forward", lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k))
+    # the UNet's batch is the context's: a guided pass gives it the latents once for both prompts
+    monkeypatch.setattr(tiny.unet, "forward", lambda x, t, c: batches.append(c.shape[0]) or forward(x, t, c))
     monkeypatch.setattr(tiny, "config", tiny.config.replace(guidance_interval=(1e6, None)))  # above every σ
     unguided = txt2img(tiny, "x", **args)
     assert batches == [1] * 4 and unguided.params["guidance_interval"] == [1e6, None]

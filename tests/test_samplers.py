@@ -362,6 +362,30 @@ def test_cfg_batches_uncond_and_cond_and_skips_uncond_at_scale_one():
         CFGDenoiser(inner, cond, None, scale=5.0)
 
 
+def test_cfg_gives_a_latent_sharing_model_the_latents_once():
+    """With `shares_latents` the model gets x once and both conditionings of each latent ([uncond, cond], as
+    UNetModel takes them); guidance, interval included, comes out the same as with x doubled."""
+    calls = []
+    plain_model = _conditional_model([])
+
+    def sharing_model(x_vp, t, cond):
+        calls.append((x_vp.shape[0], cond.shape[0]))
+        k = cond.shape[0] // x_vp.shape[0]
+        return plain_model(torch.cat([x_vp] * k), torch.cat([t] * k), cond)
+
+    shared = DiscreteDenoiser(sharing_model, AC, "v", shares_latents=True)
+    plain = DiscreteDenoiser(plain_model, AC, "v")
+    cond, uncond = torch.tensor([[[1.0]], [[-1.0]]]), torch.tensor([[[0.0]], [[0.3]]])
+    x = randn((1, 4, 4), generators_for([1, 2])) * 3
+    for sigma, interval in [(torch.full((2,), 1.5), None), (torch.tensor([0.5, 2.0]), (1.0, None))]:
+        calls.clear()
+        ours = CFGDenoiser(shared, cond, uncond, scale=7.5, interval=interval)(x, sigma)
+        assert calls == [(2, 4)]
+        assert torch.equal(ours, CFGDenoiser(plain, cond, uncond, scale=7.5, interval=interval)(x, sigma))
+    assert torch.equal(shared(x, sigma, cond=torch.cat([uncond, cond])),
+                       plain(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([uncond, cond])))
+
+
 def test_cfg_guidance_interval_guides_only_inside_it():
     """Kynkäänniemi et al. 2024: guidance for lo < σ <= hi, the conditional pass alone (batch B) elsewhere, and
     per sample when a batch straddles a bound."""
