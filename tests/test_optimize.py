@@ -1,5 +1,7 @@
 """The CPU fast path keeps the numerics: prepacked weights (`ldm.optimize.packed_weights`) give the plain
 outputs within float summation order, restore the weights bit for bit, and really run the packed kernels."""
+import resource
+
 import pytest
 import torch
 from torch import nn
@@ -180,3 +182,38 @@ def test_compiled_unet_matches_eager():
     assert rel_err(sd.unet(x, t, context), eager) < 1e-5
     assert set(sd.state_dict()) == set(sd.unet.state_dict(prefix="model.diffusion_model.")) | {
         k for k in sd.state_dict() if not k.startswith("model.diffusion_model.")}
+
+
+def _faults_to_fill(nbytes: int) -> int:
+    """Minor page faults taken to allocate and fill a fresh tensor of `nbytes` (then freed)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(nbytes // 4).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(optimize._glibc() is None, reason="tunes glibc's malloc")
+def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back():
+    """Outside the block a 96 MiB block is fresh pages every time (24k faults); inside it, once the heap has
+    room (a small allocation may take the start of the first freed block), the next ones reuse freed memory. On
+    exit the heap is trimmed: the process's memory is back where it was."""
+    size = 96 << 20
+    _faults_to_fill(size)
+    assert _faults_to_fill(size) > size // 4096 // 2
+    rss_before = _rss()
+    with optimize.keep_freed_memory(size) as applied:
+        assert applied
+        for _ in range(3):
+            _faults_to_fill(size)
+        assert _faults_to_fill(size) < size // 4096 // 10
+        with optimize.keep_freed_memory(4 << 20):  # nested: the outer block's settings stay
+            assert _faults_to_fill(size) < size // 4096 // 10
+        assert _rss() > rss_before + size // 2
+    assert _rss() < rss_before + size // 4
+    assert _faults_to_fill(size) > size // 4096 // 2
+    with optimize.keep_freed_memory(size, device="meta") as applied:  # not CPU memory: nothing to do
+        assert not applied
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
