@@ -204,6 +204,14 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+def largest_activation(unet: nn.Module, rows: int, h: int, w: int) -> int:
+    """Bytes of the largest activation of a UNet call on `rows` latents of h x w: the feed-forward's GEGLU
+    projection at full latent resolution, 8 * model_channels wide (an upper bound when the first level has no
+    transformer)."""
+    itemsize = next(unet.parameters()).element_size()
+    return rows * h * w * 8 * unet.cfg.model_channels * itemsize
+
+
 @contextlib.contextmanager
 def keep_freed_memory(largest: int, device: torch.device | str = "cpu") -> Iterator[bool]:
     """Within the block, freed CPU memory blocks of up to `largest` bytes stay in the process's heap for the next

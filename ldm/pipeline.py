@@ -29,7 +29,7 @@ from .config import Interval, check_interval
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
-from .optimize import for_inference, keep_freed_memory
+from .optimize import for_inference, keep_freed_memory, largest_activation
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
                        resolve_sampler, sample)
 from .schedules import alphas_cumprod_for
@@ -242,20 +242,12 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
             callback(info["i"] + 1, info["total"], info["x"])
 
     rows = (1 if image_by_image else len(prompts)) * (1 if uncond is None else 2)  # latents per UNet call
-    with keep_freed_memory(_largest_activation(sd, rows, shape), sd.device):
+    with keep_freed_memory(largest_activation(sd.unet, rows, *shape[1:]), sd.device):
         return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
                       schedule=resolve_schedule(sampler, schedule),
                       eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
                       init_latent=init_latents, strength=strength, callback=on_step)
 
-
-def _largest_activation(sd, rows: int, shape: tuple[int, ...]) -> int:
-    """Bytes of the largest activation of a UNet call on `rows` latents of `shape` (C, h, w): the feed-forward's
-    GEGLU projection at full latent resolution, 8 * model_channels wide (an upper bound when the first level
-    has no transformer)."""
-    unet = sd.unet
-    itemsize = next(unet.parameters()).element_size()
-    return rows * shape[1] * shape[2] * 8 * unet.cfg.model_channels * itemsize
 
 
 def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,
