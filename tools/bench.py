@@ -668,21 +668,29 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
             "tokenizer_dir": str(clip_tokenizer_dir()), "device": args.device, "steps": args.steps,
             "warmup": args.warmup, "runs": args.runs, "threads": args.threads}
     load_before = load_average()
-    results: dict[tuple[int, str], dict] = {}
+    rounds: dict[tuple[int, str], list[dict]] = {}
+    failed: set[tuple[int, str]] = set()
     with tempfile.TemporaryDirectory(prefix="ldm-bench-txt2img-") as out_dir:
-        for size in args.sizes:  # one variant at a time: each process holds the whole model
-            for name in names:
-                start = time.perf_counter()
-                try:
-                    r = measure_txt2img({**spec, "variant": name, "size": size, "tag": f"{size}-{name}",
-                                         "out_dir": out_dir})
-                except RuntimeError as e:  # report the others; a failed variant becomes a note
-                    print(e, file=sys.stderr)
-                    notes.append(f"{name} at {size} px failed: {str(e).strip().splitlines()[-1]}")
-                    continue
-                results[size, name] = r
-                print(f"{size} px {name:15} txt2img {r['txt2img_s']:.2f} s, UNet step {r['unet_s']:.3f} s, "
-                      f"peak {_memory(r) / GB:.2f} GB ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        # one variant at a time (each process holds the whole model); with --rounds, the variants in turn, so that
+        # a machine whose speed drifts over minutes slows them alike
+        for size in args.sizes:
+            for _ in range(args.rounds):
+                for name in names:
+                    if (size, name) in failed:
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        r = measure_txt2img({**spec, "variant": name, "size": size, "tag": f"{size}-{name}",
+                                             "out_dir": out_dir})
+                    except RuntimeError as e:  # report the others; a failed variant becomes a note
+                        print(e, file=sys.stderr)
+                        notes.append(f"{name} at {size} px failed: {str(e).strip().splitlines()[-1]}")
+                        failed.add((size, name))
+                        continue
+                    rounds.setdefault((size, name), []).append(r)
+                    print(f"{size} px {name:15} txt2img {r['txt2img_s']:.2f} s, UNet step {r['unet_s']:.3f} s, "
+                          f"peak {_memory(r) / GB:.2f} GB ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        results = {key: _across_rounds(rs) for key, rs in rounds.items() if key not in failed}
         pairs = [compare(size, a, b, results, Path(out_dir)) for size in args.sizes
                  for a, b in comparisons(names) if (size, a) in results and (size, b) in results]
     if not results:
@@ -691,17 +699,29 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     gpu = next(iter(results.values())).get("gpu")
     command = "python tools/bench.py txt2img " + " ".join(sys.argv[2:])
     goals = [] if cuda else txt2img_goals(pairs)
+    rounds_note = (f"; {args.rounds} rounds of fresh processes, the variants in turn: medians across rounds, peak "
+                   "memory the largest" if args.rounds > 1 else "")
     report = (f"### Results ({'CUDA' if cuda else 'CPU'})\n\n"
               f"- hardware: {hardware()}{f', {gpu}' if gpu else ''}\n- versions: {versions()}\n"
               f"- command: `{command.strip()}`\n"
               f"- {args.device}, {args.threads} threads per process, DDIM {args.steps} steps, guidance {GUIDANCE}, "
               f"prompt \"{PROMPT}\", empty negative prompt, batch 1; times are medians of {args.runs} runs after "
-              f"{args.warmup} warm-up runs (load: one per process); load average (1/5/15 min) {load_before} before "
-              f"and {load_average()} after\n"
+              f"{args.warmup} warm-up runs (load: one per process){rounds_note}; load average (1/5/15 min) "
+              f"{load_before} before and {load_average()} after\n"
               + "".join(f"- {note}\n" for note in notes)
               + f"\n{txt2img_tables(results, pairs, cuda)}\n" + ("\n" + "\n".join(goals) + "\n" if goals else ""))
     publish(f"txt2img-{args.device}", report, args.write)
     return 0
+
+
+def _across_rounds(runs: list[dict]) -> dict:
+    """One variant's figures over rounds: the median of each number, the largest peak memory."""
+    out = dict(runs[0])
+    for key, value in out.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs]
+            out[key] = max(values) if key.startswith("peak") else statistics.median(values)
+    return out
 
 
 def _positive(text: str) -> int:
@@ -739,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     t2i.add_argument("--runs", type=_positive, help="timed runs of each part (median); default 3, CUDA 10")
     t2i.add_argument("--warmup", type=int, help="untimed runs of each part first; default 1, CUDA 3")
     t2i.add_argument("--threads", type=_positive, default=2, help="torch threads in every process")
+    t2i.add_argument("--rounds", type=_positive, default=1,
+                     help="fresh processes per variant, the variants in turn (medians across rounds)")
     t2i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t2i.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                      help=f"default: {' '.join(DEFAULT_VARIANTS['cpu'])} (CPU), {' '.join(DEFAULT_VARIANTS['cuda'])} "
