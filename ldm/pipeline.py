@@ -249,7 +249,6 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
                       init_latent=init_latents, strength=strength, callback=on_step)
 
 
-
 def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,
             height: int, negative_prompt: Any, clip_skip: int, eta: float | None, guidance_rescale: float,
             guidance_interval: Interval | None, extra: dict[str, Any]) -> dict[str, Any]:
