@@ -191,22 +191,25 @@ def _faults_to_fill(nbytes: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def _fewest_faults(nbytes: int, tries: int = 6) -> int:
+    """The fewest faults of several fills in a row: once the heap has settled (small allocations in between may
+    take the start of a freed block, so the next one lands elsewhere a few times), a fill reuses freed memory."""
+    return min(_faults_to_fill(nbytes) for _ in range(tries))
+
+
 @pytest.mark.skipif(optimize._glibc() is None, reason="tunes glibc's malloc")
 def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back():
-    """Outside the block a 96 MiB block is fresh pages every time (24k faults); inside it, once the heap has
-    room (a small allocation may take the start of the first freed block), the next ones reuse freed memory. On
-    exit the heap is trimmed: the process's memory is back where it was."""
+    """Outside the block a 96 MiB block is fresh pages every time (24k faults); inside it freed memory is reused.
+    On exit the heap is trimmed: the process's memory is back where it was."""
     size = 96 << 20
     _faults_to_fill(size)
     assert _faults_to_fill(size) > size // 4096 // 2
     rss_before = _rss()
     with optimize.keep_freed_memory(size) as applied:
         assert applied
-        for _ in range(3):
-            _faults_to_fill(size)
-        assert _faults_to_fill(size) < size // 4096 // 10
+        assert _fewest_faults(size) < size // 4096 // 10
         with optimize.keep_freed_memory(4 << 20):  # nested: the outer block's settings stay
-            assert _faults_to_fill(size) < size // 4096 // 10
+            assert _fewest_faults(size) < size // 4096 // 10
         assert _rss() > rss_before + size // 2
     assert _rss() < rss_before + size // 4
     assert _faults_to_fill(size) > size // 4096 // 2
@@ -238,8 +241,6 @@ def test_keep_freed_memory_blocks_in_threads_restore_once_the_last_closes():
     with optimize.keep_freed_memory(size):
         close.set()
         thread.join()  # the first block has closed; this one is still open
-        for _ in range(3):
-            _faults_to_fill(size)
-        assert _faults_to_fill(size) < size // 4096 // 10
+        assert _fewest_faults(size) < size // 4096 // 10
     assert optimize._kept_depth == 0
     assert _faults_to_fill(size) > size // 4096 // 2
