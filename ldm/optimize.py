@@ -28,7 +28,6 @@ import contextlib
 import ctypes
 import functools
 import platform
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -42,8 +41,7 @@ CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) 
 # large blocks (mmap threshold: at most 32 MiB; trim threshold: twice that)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_SETTLED_MMAP, _GLIBC_SETTLED_TRIM = 32 << 20, 64 << 20
-_kept_depth = 0  # open keep_freed_memory blocks (in any thread)
-_kept_lock = threading.Lock()
+_kept_depth = 0  # open keep_freed_memory blocks
 
 
 def mkldnn_available() -> bool:
@@ -229,26 +227,20 @@ def keep_freed_memory(largest: int, device: torch.device | str = "cpu") -> Itera
     the mmap threshold above the largest activation and the trim threshold above the step's working set lets
     every step reuse the previous one's memory. On exit the thresholds go back to the values glibc's dynamic
     ones settle at and the heap is trimmed (`malloc_trim`), so the memory kept is returned. Process-wide while it
-    lasts: other threads' allocations are kept alike. Nested or concurrent blocks (any thread) share the settings of
-    the first one; the last to close restores them."""
+    lasts: other threads' allocations are kept alike. Nested blocks leave the settings to the outermost one."""
     global _kept_depth
     libc = _glibc() if torch.device(device).type == "cpu" else None
-    if libc is None:
-        yield False
+    if libc is None or _kept_depth:
+        yield libc is not None
         return
-    with _kept_lock:
-        if _kept_depth == 0:
-            # older glibc refuses mmap thresholds above 32 MiB (returns 0): then only the trim threshold is raised
-            mmap = max(_GLIBC_SETTLED_MMAP, min(largest + largest // 4, 1 << 30))
-            libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap))
-            libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(max(1 << 29, min(12 * largest, 2**31 - 1))))
-        _kept_depth += 1
+    # older glibc refuses mmap thresholds above 32 MiB (returns 0): then only the trim threshold is raised
+    libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(max(_GLIBC_SETTLED_MMAP, min(largest + largest // 4, 1 << 30))))
+    libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(max(1 << 29, min(12 * largest, 2**31 - 1))))
+    _kept_depth += 1
     try:
         yield True
     finally:
-        with _kept_lock:
-            _kept_depth -= 1
-            if _kept_depth == 0:
-                libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_MMAP))
-                libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_TRIM))
-                libc.malloc_trim(ctypes.c_size_t(0))
+        _kept_depth -= 1
+        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_MMAP))
+        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_TRIM))
+        libc.malloc_trim(ctypes.c_size_t(0))

@@ -220,27 +220,3 @@ def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back():
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
-
-
-@pytest.mark.skipif(optimize._glibc() is None, reason="tunes glibc's malloc")
-def test_keep_freed_memory_blocks_in_threads_restore_once_the_last_closes():
-    """Concurrent pipelines (threads) share one setting: the heap keeps large blocks until the last block closes,
-    not the first one opened."""
-    import threading
-    size = 96 << 20
-    opened, close = threading.Event(), threading.Event()
-
-    def first():
-        with optimize.keep_freed_memory(size):
-            opened.set()
-            close.wait(10)
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    assert opened.wait(10)
-    with optimize.keep_freed_memory(size):
-        close.set()
-        thread.join()  # the first block has closed; this one is still open
-        assert _fewest_faults(size) < size // 4096 // 10
-    assert optimize._kept_depth == 0
-    assert _faults_to_fill(size) > size // 4096 // 2
