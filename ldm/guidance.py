@@ -53,7 +53,8 @@ class CFGDenoiser:
     `cond` and `uncond` are the text embeddings (B, L, D) of the prompts and of the negative prompts (the
     empty prompt's embedding when there is none). For `scale` != 1 the unconditional and conditional passes
     run as one batch [uncond, cond] of size 2B (x itself given once when the inner denoiser `shares_latents`);
-    `scale` == 1 is plain conditional sampling and skips the unconditional pass. `guidance_rescale` is φ of Lin et al. 2023 (0.7 in the paper, for v-models).
+    `scale` == 1 is plain conditional sampling and skips the unconditional pass. `guidance_rescale` is φ of Lin
+    et al. 2023 (0.7 in the paper, for v-models).
     `interval` (lo, hi) limits guidance to lo < σ <= hi (see the module's docstring; None: every σ).
     """
 

@@ -197,6 +197,12 @@ def _fewest_faults(nbytes: int, tries: int = 6) -> int:
     return min(_faults_to_fill(nbytes) for _ in range(tries))
 
 
+def _rss() -> int:
+    """The process's resident memory in bytes, now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 @pytest.mark.skipif(optimize._glibc() is None, reason="tunes glibc's malloc")
 def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back():
     """Outside the block a 96 MiB block is fresh pages every time (24k faults); inside it freed memory is reused.
@@ -215,8 +221,3 @@ def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back():
     assert _faults_to_fill(size) > size // 4096 // 2
     with optimize.keep_freed_memory(size, device="meta") as applied:  # not CPU memory: nothing to do
         assert not applied
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()

@@ -342,7 +342,7 @@ def _ldm_case(sd, size: int, steps: int) -> Case:
         return ((decode(sd, result.latents) + 1) / 2)[0].permute(1, 2, 0)
 
     def stepping(x):
-        return keep_freed_memory(largest_activation(sd.unet, *x.shape[:1], *x.shape[2:]), x.device)
+        return keep_freed_memory(largest_activation(sd.unet, x.shape[0], *x.shape[2:]), x.device)
 
     return Case(text=lambda: sd.encode_prompt([PROMPT]), unet=lambda x, t, c: sd.unet(x, t, c),
                 vae=lambda z: sd.vae.decode(z), txt2img=whole, image=image, stepping=stepping)
