@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import attention
 from .config import UNetConfig
 from .ops import SiLU, add_into, add_residual, repeat_batch
+from .optimize import upsample_conv
 
 TIME_EMBED_MAX_PERIOD = 10000
 
@@ -192,11 +193,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         # `size` lets latents whose side is not a multiple of 2**levels meet their skip connection exactly
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
+            return upsample_conv(self.conv, x)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.ModuleList):

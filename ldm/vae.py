@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .attention import attention
 from .config import AutoencoderConfig
 from .ops import add_into, add_residual, silu
+from .optimize import upsample_conv
 from .tiling import DEFAULT_TILE_SIZE, tiled_decode, tiled_encode
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the original
@@ -73,7 +74,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(self.conv, x)
 
 
 class Level(nn.Module):

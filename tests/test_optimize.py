@@ -141,6 +141,55 @@ def test_cast_inside_the_block_uses_the_packed_values():
     assert torch.equal(conv.weight, before)
 
 
+def test_upsample_weight_sums_the_taps_each_phase_reads():
+    w = torch.arange(9.0).reshape(1, 1, 3, 3)  # w[r, c] = 3 r + c
+    phases = optimize.upsample_weight(w).reshape(2, 2, 2, 2)  # (a, b, row, column)
+    # output row 2i reads input rows i-1 (tap 0) and i (taps 1, 2); row 2i+1 rows i (taps 0, 1) and i+1 (tap 2)
+    rows = [[[0], [1, 2]], [[0, 1], [2]]]
+    for a in (0, 1):
+        for b in (0, 1):
+            expected = [[sum(3 * r + c for r in rows[a][p] for c in rows[b][q]) for q in (0, 1)] for p in (0, 1)]
+            assert phases[a, b].tolist() == expected
+
+
+@pytest.mark.parametrize("n, c, o, h, w, bias, channels_last", [
+    (2, 16, 8, 5, 7, True, True), (1, 8, 8, 4, 4, False, False), (3, 32, 16, 9, 6, True, False)])
+def test_upsample_conv_matches_interpolate_then_conv(n, c, o, h, w, bias, channels_last):
+    conv = nn.Conv2d(c, o, 3, padding=1, bias=bias)
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(n))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = conv.weight.clone()
+    with torch.no_grad():
+        ref = conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert torch.equal(optimize.upsample_conv(conv, x), ref)  # outside a packed block: the plain path
+        with optimize.packed_weights(conv):
+            out = optimize.upsample_conv(conv, x)
+            assert optimize.UPSAMPLE_ATTR in conv.__dict__  # the phase convolution ran
+            assert torch.equal(optimize.upsample_conv(conv, x), out)
+            # autograd gets the plain path (and its gradients)
+            with torch.enable_grad():
+                assert torch.equal(optimize.upsample_conv(conv, x.clone().requires_grad_()).detach(), ref)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-5
+    assert torch.equal(conv.weight, before) and optimize.UPSAMPLE_ATTR not in conv.__dict__
+
+
+@torch.no_grad()
+def test_upsample_conv_after_a_cast_inside_the_block():
+    """The pipeline's NaN fallback runs a bf16 VAE in fp32 inside the block: the phase weights follow the dtype."""
+    conv = nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(1, 8, 5, 5)
+    ref = conv.float()(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    conv.to(torch.bfloat16)
+    with optimize.packed_weights(conv):
+        low = optimize.upsample_conv(conv, x.bfloat16())
+        conv.float()
+        assert rel_err(optimize.upsample_conv(conv, x), ref) < 1e-5
+        conv.to(torch.bfloat16)
+        assert torch.equal(optimize.upsample_conv(conv, x.bfloat16()), low)
+    assert rel_err(low, ref) < 2e-2
+
+
 @pytest.mark.parametrize("tiling", [False, True])
 def test_pipeline_prepacked_matches_plain(monkeypatch, tiling):
     """txt2img on CPU runs under `for_inference` (packed weights); the plain path gives the same latents."""
