@@ -203,10 +203,17 @@ def test_image_i_of_a_batch_is_the_batch_1_image_of_its_seed(capsys, ckpt, tmp_p
         assert single.read_bytes() == path.read_bytes()
 
 
-def test_n_iter_continues_the_seeds_and_writes_a_grid(capsys, ckpt, tmp_path):
+def test_n_iter_continues_the_seeds_and_writes_a_grid(capsys, ckpt, tmp_path, monkeypatch):
+    from ldm import optimize
+
+    packed = []  # the layers whose weights were packed (CPU), once per packing
+    real = optimize._packed
+    monkeypatch.setattr(optimize, "_packed", lambda m, reorder: real(m, lambda w: packed.append(m) or reorder(w)))
     code, stdout, _ = txt2img(capsys, ckpt, tmp_path / "out", "--n-samples", "2", "--n-iter", "2", "--seed", "20",
                               "--steps", "2", "--grid")
     assert code == 0
+    if optimize.mkldnn_available():  # both batches ran on weights packed once
+        assert packed and len(packed) == len(set(packed))
     names = [p.name for p in pngs(tmp_path / "out")]
     assert names == ["00000-20.png", "00001-21.png", "00002-22.png", "00003-23.png", "00004-grid.png"]
     assert len(stdout.split()) == 5
