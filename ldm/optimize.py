@@ -280,18 +280,6 @@ def largest_activation(unet: nn.Module, rows: int, h: int, w: int) -> int:
     return rows * h * w * 8 * unet.cfg.model_channels * itemsize
 
 
-def largest_decoder_activation(vae: nn.Module, rows: int, h: int, w: int) -> int:
-    """Bytes of the largest activation of decoding `rows` latents of h x w: at each level of the decoder (the
-    image's resolution / 2 ** i), the widest of its own channels and the ones its input arrives with (SD: 256
-    channels at full resolution)."""
-    cfg = vae.cfg
-    itemsize = vae.decoder.conv_in.weight.element_size()
-    side = cfg.downsample_factor
-    mult = cfg.ch_mult
-    return max(rows * (h * side >> i) * (w * side >> i) * cfg.ch * max(mult[i: i + 2]) * itemsize
-               for i in range(len(mult)))
-
-
 @contextlib.contextmanager
 def keep_freed_memory(largest: int, device: torch.device | str = "cpu") -> Iterator[bool]:
     """Within the block, freed CPU memory blocks of up to `largest` bytes stay in the process's heap for the next

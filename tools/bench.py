@@ -332,7 +332,7 @@ def _loader(variant: Variant, spec: dict, device, dtype) -> Callable[[], object]
 
 def _ldm_case(sd, size: int, steps: int) -> Case:
     from ldm.optimize import keep_freed_memory, largest_activation
-    from ldm.pipeline import decode, txt2img, vae_decode
+    from ldm.pipeline import decode, txt2img
 
     def whole(noise):
         return txt2img(sd, PROMPT, negative_prompt="", sampler="ddim", steps=steps, guidance=GUIDANCE, width=size,
@@ -345,7 +345,7 @@ def _ldm_case(sd, size: int, steps: int) -> Case:
         return keep_freed_memory(largest_activation(sd.unet, x.shape[0], *x.shape[2:]), x.device)
 
     return Case(text=lambda: sd.encode_prompt([PROMPT]), unet=lambda x, t, c: sd.unet(x, t, c),
-                vae=lambda z: vae_decode(sd, z), txt2img=whole, image=image, stepping=stepping)
+                vae=lambda z: sd.vae.decode(z), txt2img=whole, image=image, stepping=stepping)
 
 
 def _diffusers_case(pipe, size: int, steps: int) -> Case:
