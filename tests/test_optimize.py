@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import ldm
 from ldm import optimize
 from ldm.config import preset
 from reference import random_model
@@ -270,3 +271,21 @@ def test_keep_freed_memory_reuses_large_blocks_and_gives_them_back():
     assert _faults_to_fill(size) > size // 4096 // 2
     with optimize.keep_freed_memory(size, device="meta") as applied:  # not CPU memory: nothing to do
         assert not applied
+
+
+@pytest.mark.parametrize("name", ["tiny", "sd-v1", "sd-v2"])
+def test_largest_activation_bounds_every_output_of_a_unet_call(name):
+    """keep_freed_memory's bound in the sampling loop: the largest output of any layer of a UNet call (shapes on
+    the meta device, no arithmetic); exact for SD, whose first level has attention."""
+    cfg = preset(name)
+    with torch.device("meta"):
+        unet = ldm.StableDiffusion(cfg).unet
+    h = w = 64 if name == "sd-v1" else 12
+    largest = []
+    for m in unet.modules():
+        if not list(m.children()):
+            m.register_forward_hook(lambda m, a, out: largest.append(out.numel() * out.element_size()))
+    unet(torch.empty(2, 4, h, w, device="meta"), torch.zeros(2, device="meta"),
+         torch.empty(2, 77, cfg.unet.context_dim, device="meta"))
+    bound = optimize.largest_activation(unet, 2, h, w)
+    assert max(largest) == bound if name != "tiny" else max(largest) <= bound  # tiny: no attention at level 0
