@@ -214,11 +214,11 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]:
 def for_inference(sd) -> Iterator[None]:
     """What a txt2img/img2img call runs under. On CPU: prepacked weights for the VAE and the UNet (a compiled
     UNet packs its own). Not the text encoder: it runs twice per call on 77 tokens, which packing its weights and
-    restoring them cost more than it saves (SD 1.5, 2 cores: 0.22 s against 0.13 s plain). Calls inside an outer `with for_inference(sd):` block share its packed
-    weights: packing SD 1.5 and restoring it cost ~2 s per call on 2 cores, paid once for all of them (the CLI does
-    this for several batches). Elsewhere nothing: channels-last weights on CUDA were tried and not
-    measurably faster on an H100 (docs/benchmarks.md); the eager step there is bound by kernel launches, which
-    `compile_unet` removes."""
+    restoring them cost more than it saves (SD 1.5, 2 cores: 0.22 s against 0.13 s plain). Calls inside an outer
+    `with for_inference(sd):` block share its packed weights: packing SD 1.5 and restoring it cost ~2 s per call
+    on 2 cores, paid once for all of them (the CLI does this for several batches). Elsewhere nothing:
+    channels-last weights on CUDA were tried and not measurably faster on an H100 (docs/benchmarks.md); the eager
+    step there is bound by kernel launches, which `compile_unet` removes."""
     with contextlib.ExitStack() as stack:
         if CPU_PREPACK and sd.device.type == "cpu":
             for part in (sd.vae, sd.unet):
