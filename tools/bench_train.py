@@ -104,7 +104,7 @@ def table(rows: list[tuple[dict, dict]]) -> str:
 
 
 def bench_train(args: argparse.Namespace) -> int:
-    from bench import hardware, publish  # tools/bench.py owns the shared report helpers and docs/benchmarks.md
+    from bench_report import hardware, publish  # the report helpers shared with tools/bench.py
 
     import torch
 
