@@ -60,10 +60,12 @@ def _placeholder(t: Tensor) -> Tensor:
 
 
 def _eligible(self: nn.Module, x: Tensor) -> bool:
-    """Whether the packed weight can serve this call: CPU inference in the packed dtype."""
+    """Whether the packed weight can serve this call: CPU inference in the packed dtype, which oneDNN must be able
+    to pack (a module cast to fp64 inside the block computes from its plain weight)."""
     packed = self.__dict__[PACKED_ATTR]
     dtype = self.weight.dtype if packed is None else packed.dtype
     return (x.device.type == "cpu" and self.weight.device.type == "cpu" and x.dtype == dtype
+            and dtype in PACKABLE_DTYPES
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
@@ -134,8 +136,7 @@ def upsample_weight(weight: Tensor) -> Tensor:
 
 
 def _upsamples_fast(conv: nn.Conv2d, x: Tensor) -> bool:
-    return (PACKED_ATTR in conv.__dict__ and not torch.is_grad_enabled() and x.dtype in PACKABLE_DTYPES
-            and _eligible(conv, x)
+    return (PACKED_ATTR in conv.__dict__ and not torch.is_grad_enabled() and _eligible(conv, x)
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1)
 

@@ -142,6 +142,19 @@ def test_cast_inside_the_block_uses_the_packed_values():
     assert torch.equal(conv.weight, before)
 
 
+@torch.no_grad()
+def test_a_cast_to_a_dtype_onednn_cannot_pack_computes_from_the_plain_weight():
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with optimize.packed_weights(conv):
+        conv.double()
+        ref = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+        assert torch.equal(conv(x), ref)
+        assert torch.equal(optimize.upsample_conv(conv, x),
+                           conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")))
+        conv.float()
+
+
 def test_upsample_weight_sums_the_taps_each_phase_reads():
     w = torch.arange(9.0).reshape(1, 1, 3, 3)  # w[r, c] = 3 r + c
     phases = optimize.upsample_weight(w).reshape(2, 2, 2, 2)  # (a, b, row, column)
