@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GB = 1e9
+from bench_report import GB, ROOT, hardware, publish  # the report helpers shared with tools/bench.py
 
 
 def child_train(device: str, batch: int, resolution: int, precision: str, checkpointing: bool, steps: int,
@@ -104,8 +103,6 @@ def table(rows: list[tuple[dict, dict]]) -> str:
 
 
 def bench_train(args: argparse.Namespace) -> int:
-    from bench_report import hardware, publish  # the report helpers shared with tools/bench.py
-
     import torch
 
     devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
