@@ -1,5 +1,5 @@
-"""Inference speed-ups that keep the numerics: prepacked CPU weights, cheaper upsampling, kept heap memory
-and opt-in torch.compile.
+"""Inference speed-ups that keep the numerics: prepacked CPU weights, cheaper upsampling and convolutions, kept
+heap memory and opt-in torch.compile.
 
 Prepacked weights (CPU). PyTorch runs CPU convolutions and linear layers through oneDNN, which computes in a
 blocked weight layout (e.g. OIhw16i16o). An eager `nn.Conv2d` keeps its weight in the plain OIHW layout, so
@@ -20,6 +20,11 @@ Upsampling (CPU, inside the block): `upsample_conv` computes the nearest x2 upsa
 the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the work (SD 1.5 at 512 px: VAE decode
 -9%, UNet step -2%).
 
+Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions on 12 to 32 pixel inputs (the UNet's
+second level at 512 px) take Winograd's F(2x2, 3x3) (`ldm.winograd`), 4/9 of the multiply-adds, from a cached
+transformed weight kept beside the plain one (SD 1.5 at 512 px: +0.33 GB); convolutions of more than
+SPLIT_CHANNELS input channels run in pieces. Together: UNet step -9% (SD 1.5, 512 px, batch 2, 2 cores).
+
 Kept heap memory (CPU, glibc): `keep_freed_memory`, entered by the pipeline around its sampling loop, keeps the
 memory each UNet step frees for the next step instead of returning it to the kernel, which would fault it in
 afresh (~1 GB per SD 1.5 step at 512 px).
@@ -39,10 +44,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PACKED_ATTR = "_ldm_packed"
+from .winograd import winograd_conv3x3, winograd_weight
+
+PACKED_ATTR = "_ldm_packed"  # the packed weight; for a conv split by input channels, a tuple of packed pieces
 UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `upsample_conv`, with their bias
+WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x3`, with its bias
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
+# Where fp32 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
+# (docs/benchmarks.md): inputs of 12 to 32 pixels a side, whose transforms stay in cache (at 48 and more the
+# transforms cost what the products save; at 8 the direct convolution is already cheap), with at least 1024
+# output pixels per call, so that what a call saves repays the cached weight (16/9 the plain one, kept beside
+# it), and 256 channels or more in and out, so that the products outweigh the transforms.
+WINOGRAD_SIZES = 12, 32
+WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_MIN_CHANNELS = 256
+# fp32 convolutions with more input channels than this (the UNet decoder's, on the skip connection concatenated
+# to its input) run as convolutions of at most this many channels each, summed in place: oneDNN's direct
+# convolution of 2560 channels is 0.76x as fast as two of 1280 (SD 1.5, 16 x 16 latents, batch 2)
+SPLIT_CHANNELS = 1280
 # glibc's mallopt parameters (malloc.h), and the values its dynamic thresholds settle at in a process that frees
 # large blocks (mmap threshold: at most 32 MiB; trim threshold: twice that)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -63,7 +83,7 @@ def _eligible(self: nn.Module, x: Tensor) -> bool:
     """Whether the packed weight can serve this call: CPU inference in the packed dtype, which oneDNN must be able
     to pack (a module cast to fp64 inside the block computes from its plain weight)."""
     packed = self.__dict__[PACKED_ATTR]
-    dtype = self.weight.dtype if packed is None else packed.dtype
+    dtype = self.weight.dtype if packed is None else _pieces(packed)[0].dtype
     return (x.device.type == "cpu" and self.weight.device.type == "cpu" and x.dtype == dtype
             and dtype in PACKABLE_DTYPES
             and not (torch.is_grad_enabled() and x.requires_grad))
@@ -79,11 +99,22 @@ def _packed(self: nn.Module, reorder) -> Tensor:
     return packed
 
 
+def _pieces(packed: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return packed if isinstance(packed, tuple) else (packed,)
+
+
+def _to_dense(packed: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """The plain weight of a packed one, bit for bit (pieces split by input channels are concatenated)."""
+    if not isinstance(packed, tuple):
+        return packed.to_dense()
+    return torch.cat([p.to_dense() for p in packed], dim=1)
+
+
 def _dense(self: nn.Module, x: Tensor) -> Tensor:
     """The plain weight for a call the packed one cannot serve (autograd, or the module was moved or cast
     inside the block: `.to()` only sees the placeholder, so the values come from the packed copy)."""
     packed = self.__dict__[PACKED_ATTR]
-    return (self.weight if packed is None else packed.to_dense()).to(x.device, x.dtype)
+    return (self.weight if packed is None else _to_dense(packed)).to(x.device, x.dtype)
 
 
 def _bias(self: nn.Module, x: Tensor) -> Tensor | None:
@@ -97,9 +128,43 @@ def _conv(conv: nn.Conv2d, x: Tensor, padding: list[int], stride: list[int]) -> 
         return F.conv2d(x, conv.weight, conv.bias, stride, padding, conv.dilation, conv.groups)
     if not _eligible(conv, x):
         return F.conv2d(x, _dense(conv, x), _bias(conv, x), stride, padding, conv.dilation, conv.groups)
+    if padding == [1, 1] and stride == [1, 1] and _winograd_pays(conv, x):
+        return _winograd(conv, x)
     args = padding, stride, list(conv.dilation), conv.groups
-    w = _packed(conv, lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape)))
-    return torch.ops.mkldnn._convolution_pointwise(x, w, _bias(conv, x), *args, "none", [], "")
+    pieces = _pieces(_packed(conv, lambda w: _reorder_conv(w, args, x)))
+    size = pieces[0].shape[1]  # input channels per piece
+    out = torch.ops.mkldnn._convolution_pointwise(x[:, :size], pieces[0], _bias(conv, x), *args, "none", [], "")
+    for i, piece in enumerate(pieces[1:], 1):  # out += conv of the next channels, in oneDNN's epilogue
+        out = torch.ops.mkldnn._convolution_pointwise_.binary(out, x[:, i * size:(i + 1) * size], piece, None,
+                                                              *args, "add", 1.0, None, [], None)
+    return out
+
+
+def _reorder_conv(w: Tensor, args: tuple, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """w packed for x's shape; in pieces of at most SPLIT_CHANNELS input channels (fp32)."""
+    count = -(-w.shape[1] // SPLIT_CHANNELS) if w.dtype == torch.float32 else 1
+    size = -(-w.shape[1] // count)
+    pieces = tuple(torch.ops.mkldnn._reorder_convolution_weight(w[:, i:i + size].contiguous(), *args,
+                                                               [x.shape[0], w[:, i:i + size].shape[1], *x.shape[2:]])
+                   for i in range(0, w.shape[1], size))
+    return pieces if count > 1 else pieces[0]
+
+
+def _winograd_pays(conv: nn.Conv2d, x: Tensor) -> bool:
+    n, _, h, w = x.shape
+    low, high = WINOGRAD_SIZES
+    return (x.dtype == torch.float32 and not torch.is_grad_enabled() and _is_3x3_same(conv)
+            and low <= h <= high and low <= w <= high and n * h * w >= WINOGRAD_MIN_PIXELS
+            and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
+
+
+def _winograd(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv(x) by `winograd_conv3x3`, from a Winograd weight made once per block. A conv that takes this path
+    first keeps its plain weight (nothing is packed for it), so the cache is 16/9 of the weight in addition."""
+    cached = conv.__dict__.get(WINOGRAD_ATTR)
+    if cached is None:
+        cached = conv.__dict__[WINOGRAD_ATTR] = winograd_weight(_dense(conv, x)), _bias(conv, x)
+    return winograd_conv3x3(x, *cached)
 
 
 def _packed_conv(self: nn.Conv2d, x: Tensor) -> Tensor:
@@ -135,10 +200,15 @@ def upsample_weight(weight: Tensor) -> Tensor:
     return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
 
 
+def _is_3x3_same(conv: nn.Conv2d) -> bool:
+    """A 3x3 convolution that keeps the size (stride 1, padding 1), dense (no dilation or groups)."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
 def _upsamples_fast(conv: nn.Conv2d, x: Tensor) -> bool:
     return (PACKED_ATTR in conv.__dict__ and not torch.is_grad_enabled() and _eligible(conv, x)
-            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1)
+            and _is_3x3_same(conv))
 
 
 def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -191,9 +261,10 @@ def _pack(m: nn.Module) -> bool:
 
 def _unpack(m: nn.Module) -> None:
     m.__dict__.pop(UPSAMPLE_ATTR, None)
+    m.__dict__.pop(WINOGRAD_ATTR, None)
     packed = m.__dict__.pop(PACKED_ATTR)
     if packed is not None:  # back to a plain layout (bit-exact), in the dtype and on the device the module has now
-        m.weight.data = packed.to_dense().to(m.weight.device, m.weight.dtype)
+        m.weight.data = _to_dense(packed).to(m.weight.device, m.weight.dtype)
     del m.forward
 
 

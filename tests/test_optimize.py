@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ldm
-from ldm import optimize
+from ldm import optimize, winograd
 from ldm.config import preset
 from reference import random_model
 
@@ -202,6 +202,74 @@ def test_upsample_conv_after_a_cast_inside_the_block():
         conv.to(torch.bfloat16)
         assert torch.equal(optimize.upsample_conv(conv, x.bfloat16()), low)
     assert rel_err(low, ref) < 2e-2
+
+
+def test_winograd_weight_is_g_g_gt():
+    """U = G g G^T, matrix 4 * column + row: a kernel with one tap (r, c) set gives G[:, r] G[:, c]^T."""
+    g = torch.tensor(winograd.G)
+    for r in range(3):
+        for c in range(3):
+            w = torch.zeros(1, 1, 3, 3)
+            w[0, 0, r, c] = 1.0
+            u = winograd.winograd_weight(w).reshape(4, 4)  # (column, row)
+            assert torch.equal(u.T, torch.outer(g[:, r], g[:, c]))
+
+
+@pytest.mark.parametrize("n, c, o, h, w, bias, channels_last", [
+    (2, 16, 8, 8, 8, True, True), (1, 5, 7, 7, 9, False, False), (3, 8, 4, 1, 1, True, True), (1, 4, 6, 2, 3, True, False)])
+def test_winograd_conv_matches_conv2d(n, c, o, h, w, bias, channels_last):
+    gen = torch.Generator().manual_seed(h * w)
+    x = torch.randn(n, c, h, w, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, b = torch.randn(o, c, 3, 3, generator=gen), torch.randn(o, generator=gen) if bias else None
+    ref = nn.functional.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    out = winograd.winograd_conv3x3(x, winograd.winograd_weight(weight), b)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) < 1e-6
+
+
+@torch.no_grad()
+def test_packed_conv_takes_winograd_where_it_pays_and_keeps_the_plain_weight():
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn(4, 256, 16, 16, generator=torch.Generator().manual_seed(0))  # 1024 output pixels
+    small = x[:, :, :8, :8]  # 8 x 8: below WINOGRAD_SIZES, the packed direct convolution
+    weight = conv.weight.clone()
+    ref, ref_small = conv(x), conv(small)
+    with optimize.packed_weights(conv):
+        out = conv(x)
+        assert optimize.WINOGRAD_ATTR in conv.__dict__ and conv.__dict__[optimize.PACKED_ATTR] is None
+        assert torch.equal(conv.weight, weight)  # not packed, so not released: the cache comes on top
+        assert rel_err(conv(small), ref_small) < 1e-5
+        assert conv.__dict__[optimize.PACKED_ATTR] is not None
+        assert rel_err(conv(x), ref) < 1e-5  # from the Winograd weight made before
+        with torch.enable_grad():
+            assert torch.equal(conv(x.clone().requires_grad_()).detach(), ref)  # autograd: the plain path
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(conv.weight, weight) and optimize.WINOGRAD_ATTR not in conv.__dict__
+    conv.to(torch.bfloat16)
+    with optimize.packed_weights(conv):
+        low = conv(x.bfloat16())
+        assert optimize.WINOGRAD_ATTR not in conv.__dict__  # bf16: never Winograd
+    assert rel_err(low, ref) < 2e-2
+
+
+@torch.no_grad()
+def test_conv_with_many_input_channels_runs_in_pieces(monkeypatch):
+    monkeypatch.setattr(optimize, "SPLIT_CHANNELS", 8)
+    conv = nn.Conv2d(20, 6, 3, padding=1)
+    x = torch.randn(2, 20, 5, 6, generator=torch.Generator().manual_seed(1)).contiguous(
+        memory_format=torch.channels_last)
+    weight = conv.weight.clone()
+    ref = conv(x)
+    with optimize.packed_weights(conv):
+        out = conv(x)
+        pieces = conv.__dict__[optimize.PACKED_ATTR]
+        assert [p.shape[1] for p in pieces] == [7, 7, 6]
+        assert rel_err(conv.to(torch.bfloat16)(x.bfloat16()), ref) < 2e-2  # a cast: from the pieces joined
+        conv.float()
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(conv.weight, weight)  # the pieces concatenated back, bit for bit
 
 
 @pytest.mark.parametrize("tiling", [False, True])

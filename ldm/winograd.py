@@ -1,0 +1,75 @@
+"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
+Neural Networks", 2015): 16 multiplications per 2x2 output pixels instead of 36.
+
+In one dimension, two outputs of a 3-tap correlation, y0 = d0 g0 + d1 g1 + d2 g2 and y1 = d1 g0 + d2 g1 + d3 g2,
+take four products of transformed inputs and transformed taps:
+
+    m0 = (d0 - d2) g0    m1 = (d1 + d2) (g0 + g1 + g2) / 2    m2 = (d2 - d1) (g0 - g1 + g2) / 2    m3 = (d1 - d3) g2
+    y0 = m0 + m1 + m2    y1 = m1 - m2 - m3
+
+that is y = A^T [(G g) * (B^T d)] with the matrices below. Nesting it over rows and columns gives the 2D form: each
+4x4 input tile d (tiles overlap by 2) becomes V = B^T d B, each 3x3 kernel g becomes U = G g G^T, and the 2x2 output
+tile is A^T (U * V) A. Summed over input channels, the 16 elementwise products are 16 matrix products, one per
+position in the 4x4 tile: M[k] = V[k] @ U[k] with V[k] (tiles, in channels) and U[k] (in channels, out channels).
+The multiply-adds drop to 16/36 = 4/9 of a direct convolution's, in large matrix products; the price is the
+transforms (additions and subtractions, memory bound) and a weight 16/9 the size.
+
+The transforms use only 0, +-1 and 1/2, so the result equals the direct convolution up to float summation order
+(measured ~7e-7 relative to the output's largest value in fp32, as accurate as oneDNN's direct convolution). It
+is not used in bf16, where the rounded transforms would cost accuracy. `ldm.optimize` decides where it pays."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# G (4 x 3): the kernel transform. Rows 0 and 3 are taps 0 and 2; rows 1 and 2 the halved sums with tap 1 added and
+# subtracted. B^T (input) and A^T (output) are written out as additions in `winograd_conv3x3`.
+G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight: Tensor) -> Tensor:
+    """A 3x3 kernel (O, I, 3, 3) as the 16 matrices U = G g G^T (16, I, O) of `winograd_conv3x3`, matrix 4 * j + i
+    for row i and column j of the transformed 4x4 kernel."""
+    g = torch.tensor(G, dtype=weight.dtype, device=weight.device)
+    u = torch.einsum("ik,oykl,jl->jiyo", g, weight, g)  # (4 columns, 4 rows, I, O)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).contiguous()
+
+
+def winograd_conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for a 3x3 kernel given as u = winograd_weight(weight); x (N, I, H, W)
+    -> (N, O, H, W), channels-last (as oneDNN's convolutions return it). Any H and W (odd ones are padded to whole
+    tiles and cropped)."""
+    n, c, h, w = x.shape
+    rows, cols = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles
+    # zero-padded input (N, 2 * rows + 2, 2 * cols + 2, I), channels last: one pixel of padding, more for odd sizes
+    xp = x.new_empty(n, 2 * rows + 2, 2 * cols + 2, c)
+    xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
+    xp[:, :1] = 0
+    xp[:, h + 1:] = 0
+    xp[:, :, :1] = 0
+    xp[:, :, w + 1:] = 0
+
+    def transform_in(t: Tensor, dim: int, out: Tensor) -> None:
+        """B^T along `dim`: tap k of every tile is t's index 2 * tile + k; out[0..3] gets the 4 transformed taps."""
+        tiles = (t.shape[dim] - 2) // 2
+        d = [t[(slice(None),) * dim + (slice(k, k + 2 * tiles, 2),)] for k in range(4)]
+        torch.sub(d[0], d[2], out=out[0])
+        torch.add(d[1], d[2], out=out[1])
+        torch.sub(d[2], d[1], out=out[2])
+        torch.sub(d[1], d[3], out=out[3])
+
+    by_rows = x.new_empty(4, n, rows, 2 * cols + 2, c)
+    transform_in(xp, 1, by_rows)
+    v = x.new_empty(4, 4, n, rows, cols, c)  # (column j, row i, N, tile row, tile column, I)
+    transform_in(by_rows, 3, v)
+    m = torch.bmm(v.view(16, -1, c), u).view(4, 4, n, rows, cols, -1)  # (j, i, ...)
+    if bias is not None:
+        m[1, 1] += bias  # A^T's middle column is all ones: M[1, 1] reaches every output pixel once
+    # A^T along the columns (j), then the rows (i), into output pixel (2 * tile row + a, 2 * tile column + b)
+    out = x.new_empty(n, 2 * rows, 2 * cols, u.shape[-1])
+    for b, s in enumerate((m[0:3].sum(0), m[1] - m[2] - m[3])):  # (i, N, tile row, tile column, O)
+        torch.sum(s[0:3], 0, out=out[:, 0::2, b::2])
+        torch.sub(s[1] - s[2], s[3], out=out[:, 1::2, b::2])
+    if 2 * rows != h or 2 * cols != w:
+        out = out[:, :h, :w].contiguous()
+    return out.permute(0, 3, 1, 2)
