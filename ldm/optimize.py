@@ -20,8 +20,8 @@ Upsampling (CPU, inside the block): `upsample_conv` computes the nearest x2 upsa
 the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the work (SD 1.5 at 512 px: VAE decode
 -9%, UNet step -2%).
 
-Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions on 12 to 32 pixel inputs (the UNet's
-second level at 512 px) take Winograd's F(2x2, 3x3) (`ldm.winograd`), 4/9 of the multiply-adds, from a cached
+Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions on 12 to 32 pixel inputs with 2048 output
+pixels or more per call (the UNet's second level at 512 px with guidance) take Winograd's F(2x2, 3x3) (`ldm.winograd`), 4/9 of the multiply-adds, from a cached
 transformed weight kept beside the plain one (SD 1.5 at 512 px: +0.33 GB); convolutions of more than
 SPLIT_CHANNELS input channels run in pieces. Together: UNet step -9% (SD 1.5, 512 px, batch 2, 2 cores).
 
@@ -52,12 +52,13 @@ WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
 # Where fp32 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
-# (docs/benchmarks.md): inputs of 12 to 32 pixels a side, whose transforms stay in cache (at 48 and more the
-# transforms cost what the products save; at 8 the direct convolution is already cheap), with at least 1024
-# output pixels per call, so that what a call saves repays the cached weight (16/9 the plain one, kept beside
-# it), and 256 channels or more in and out, so that the products outweigh the transforms.
+# (docs/benchmarks.md): inputs of 12 to 32 pixels a side (at 48 and more the memory-bound transforms cost what
+# the products save), 256 channels or more in and out (the products outweigh the transforms), and at least 2048
+# output pixels per call, so that the time saved is worth the cached weight (16/9 the plain one, kept beside it):
+# the UNet's 32 x 32 level with guidance (SD 1.5: 0.33 GB at 512 px), not its 16 x 16 one (1.2 GB more for
+# -0.3 s per step) nor a VAE decode, which runs once per call.
 WINOGRAD_SIZES = 12, 32
-WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_MIN_PIXELS = 2048
 WINOGRAD_MIN_CHANNELS = 256
 # fp32 convolutions with more input channels than this (the UNet decoder's, on the skip connection concatenated
 # to its input) run as convolutions of at most this many channels each, summed in place: oneDNN's direct

@@ -232,7 +232,7 @@ def test_winograd_conv_matches_conv2d(n, c, o, h, w, bias, channels_last):
 @torch.no_grad()
 def test_packed_conv_takes_winograd_where_it_pays_and_keeps_the_plain_weight():
     conv = nn.Conv2d(256, 256, 3, padding=1)
-    x = torch.randn(4, 256, 16, 16, generator=torch.Generator().manual_seed(0))  # 1024 output pixels
+    x = torch.randn(2, 256, 32, 32, generator=torch.Generator().manual_seed(0))  # 2048 output pixels
     small = x[:, :, :8, :8]  # 8 x 8: below WINOGRAD_SIZES, the packed direct convolution
     weight = conv.weight.clone()
     ref, ref_small = conv(x), conv(small)
