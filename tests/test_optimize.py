@@ -229,6 +229,15 @@ def test_winograd_conv_matches_conv2d(n, c, o, h, w, bias, channels_last):
     assert rel_err(out, ref) < 1e-6
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 16 * 2 * 6 * 64 * 4 * 2])  # 1 tile row per chunk; 2 (7 rows: 2+2+2+1)
+def test_winograd_conv_in_chunks_of_tile_rows(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(7)
+    x, weight, b = torch.randn(2, 64, 13, 11, generator=gen), torch.randn(32, 64, 3, 3, generator=gen), torch.randn(32)
+    ref = nn.functional.conv2d(x.double(), weight.double(), b.double(), padding=1)
+    assert rel_err(winograd.winograd_conv3x3(x, winograd.winograd_weight(weight), b), ref) < 1e-6
+
+
 @torch.no_grad()
 def test_packed_conv_takes_winograd_where_it_pays_and_keeps_the_plain_weight():
     conv = nn.Conv2d(256, 256, 3, padding=1)
