@@ -29,7 +29,7 @@ from .config import Interval, check_interval
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
-from .optimize import for_inference, keep_freed_memory, largest_activation
+from .optimize import for_inference, keep_freed_memory, largest_activation, release_derived_weights
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
                        resolve_sampler, sample)
 from .schedules import alphas_cumprod_for
@@ -243,10 +243,12 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
 
     rows = (1 if image_by_image else len(prompts)) * (1 if uncond is None else 2)  # latents per UNet call
     with keep_freed_memory(largest_activation(sd.unet, rows, *shape[1:]), sd.device):
-        return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
-                      schedule=resolve_schedule(sampler, schedule),
-                      eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
-                      init_latent=init_latents, strength=strength, callback=on_step)
+        latents = sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
+                         schedule=resolve_schedule(sampler, schedule),
+                         eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
+                         init_latent=init_latents, strength=strength, callback=on_step)
+    release_derived_weights(sd.unet)  # not needed by the decode that follows
+    return latents
 
 
 def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,

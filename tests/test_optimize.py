@@ -289,8 +289,16 @@ def test_pipeline_prepacked_matches_plain(monkeypatch, tiling):
     calls = []
     real = optimize._packed
     monkeypatch.setattr(optimize, "_packed", lambda m, reorder: calls.append(m) or real(m, reorder))
+    derived = []  # whether the UNet holds upsampling-phase weights, after each UNet call and at the decode
+
+    def record(*_):
+        derived.append(any(optimize.UPSAMPLE_ATTR in m.__dict__ for m in sd.unet.modules()))
+    hooks = [sd.unet.register_forward_hook(record), sd.vae.decoder.register_forward_pre_hook(record)]
     packed = sd.txt2img("a red circle", **kwargs)
+    for h in hooks:
+        h.remove()
     assert {sd.unet.input_blocks[0][0], sd.vae.decoder.conv_out} <= set(calls)  # the packed kernels ran
+    assert derived[:3] == [True] * 3 and not any(derived[3:])  # released when sampling ends
     monkeypatch.setattr(optimize, "CPU_PREPACK", False)
     plain = sd.txt2img("a red circle", **kwargs)
     assert rel_err(packed.latents, plain.latents) < 1e-5
