@@ -21,9 +21,11 @@ the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the wor
 -9%, UNet step -2%).
 
 Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions on 12 to 32 pixel inputs with 2048 output
-pixels or more per call (the UNet's second level at 512 px with guidance) take Winograd's F(2x2, 3x3) (`ldm.winograd`), 4/9 of the multiply-adds, from a cached
-transformed weight kept beside the plain one (SD 1.5 at 512 px: +0.33 GB); convolutions of more than
-SPLIT_CHANNELS input channels run in pieces. Together: UNet step -9% (SD 1.5, 512 px, batch 2, 2 cores).
+pixels or more per call (the UNet's second level at 512 px with guidance) take Winograd's F(2x2, 3x3)
+(`ldm.winograd`), 4/9 of the multiply-adds, from a transformed weight cached beside the plain one (SD 1.5 at
+512 px: 0.33 GB, released with the upsampling-phase weights by `release_derived_weights` when sampling ends);
+convolutions of more than SPLIT_CHANNELS input channels run in pieces. Together: UNet step -9% (SD 1.5, 512 px,
+batch 2, 2 cores).
 
 Kept heap memory (CPU, glibc): `keep_freed_memory`, entered by the pipeline around its sampling loop, keeps the
 memory each UNet step frees for the next step instead of returning it to the kernel, which would fault it in

@@ -216,7 +216,8 @@ def test_winograd_weight_is_g_g_gt():
 
 
 @pytest.mark.parametrize("n, c, o, h, w, bias, channels_last", [
-    (2, 16, 8, 8, 8, True, True), (1, 5, 7, 7, 9, False, False), (3, 8, 4, 1, 1, True, True), (1, 4, 6, 2, 3, True, False)])
+    (2, 16, 8, 8, 8, True, True), (1, 5, 7, 7, 9, False, False), (3, 8, 4, 1, 1, True, True),
+    (1, 4, 6, 2, 3, True, False)])
 def test_winograd_conv_matches_conv2d(n, c, o, h, w, bias, channels_last):
     gen = torch.Generator().manual_seed(h * w)
     x = torch.randn(n, c, h, w, generator=gen)

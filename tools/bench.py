@@ -20,6 +20,7 @@ With `--write` the results replace the matching section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -328,7 +329,7 @@ def _loader(variant: Variant, spec: dict, device, dtype) -> Callable[[], object]
 
 
 def _ldm_case(sd, size: int, steps: int) -> Case:
-    from ldm.optimize import keep_freed_memory, largest_activation
+    from ldm.optimize import keep_freed_memory, largest_activation, release_derived_weights
     from ldm.pipeline import decode, txt2img
 
     def whole(noise):
@@ -338,8 +339,11 @@ def _ldm_case(sd, size: int, steps: int) -> Case:
     def image(result):  # txt2img returns 8-bit images: decode its final latents again, as it did, in float
         return ((decode(sd, result.latents) + 1) / 2)[0].permute(1, 2, 0)
 
-    def stepping(x):
-        return keep_freed_memory(largest_activation(sd.unet, x.shape[0], *x.shape[2:]), x.device)
+    @contextlib.contextmanager
+    def stepping(x):  # as ldm's sampling loop runs (ldm.pipeline.generate)
+        with keep_freed_memory(largest_activation(sd.unet, x.shape[0], *x.shape[2:]), x.device):
+            yield
+        release_derived_weights(sd.unet)
 
     return Case(text=lambda: sd.encode_prompt([PROMPT]), unet=lambda x, t, c: sd.unet(x, t, c),
                 vae=lambda z: sd.vae.decode(z), txt2img=whole, image=image, stepping=stepping)
