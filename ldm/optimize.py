@@ -20,12 +20,13 @@ Upsampling (CPU, inside the block): `upsample_conv` computes the nearest x2 upsa
 the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the work (SD 1.5 at 512 px: VAE decode
 -9%, UNet step -2%).
 
-Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions on 12 to 32 pixel inputs with 2048 output
-pixels or more per call (the UNet's second level at 512 px with guidance) take Winograd's F(2x2, 3x3)
-(`ldm.winograd`), 4/9 of the multiply-adds, from a transformed weight cached beside the plain one (SD 1.5 at
-512 px: 0.33 GB, released with the upsampling-phase weights by `release_derived_weights` when sampling ends);
-convolutions of more than SPLIT_CHANNELS input channels run in pieces. Together: UNet step -9% (SD 1.5, 512 px,
-batch 2, 2 cores).
+Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions of 256 channels or more on inputs of 12
+pixels a side or more, with 2048 output pixels or more per call, take Winograd's F(2x2, 3x3) (`ldm.winograd`),
+4/9 of the multiply-adds, from a transformed weight cached beside the plain one: for SD 1.5 at 512 px with
+guidance, the UNet's 64 x 64 and 32 x 32 levels (0.42 GB) and the VAE decoder's 512- and 256-channel
+convolutions (0.30 GB), released by `release_derived_weights` when sampling ends and after each decode.
+Convolutions of more than SPLIT_CHANNELS input channels run in pieces. SD 1.5 at 512 px, 2 cores: UNet step -13%,
+VAE decode -10%.
 
 Kept heap memory (CPU, glibc): `keep_freed_memory`, entered by the pipeline around its sampling loop, keeps the
 memory each UNet step frees for the next step instead of returning it to the kernel, which would fault it in
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .winograd import winograd_conv3x3, winograd_weight
+from .winograd import winograd_conv3x3, winograd_weight, workspace
 
 PACKED_ATTR = "_ldm_packed"  # the packed weight; for a conv split by input channels, a tuple of packed pieces
 UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `upsample_conv`, with their bias
@@ -54,12 +55,13 @@ WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
 # Where fp32 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
-# (docs/benchmarks.md): inputs of 12 to 32 pixels a side (at 48 and more the memory-bound transforms cost what
-# the products save), 256 channels or more in and out (the products outweigh the transforms), and at least 2048
-# output pixels per call, so that the time saved is worth the cached weight (16/9 the plain one, kept beside it):
-# the UNet's 32 x 32 level with guidance (SD 1.5: 0.33 GB at 512 px), not its 16 x 16 one (1.2 GB more for
-# -0.3 s per step) nor a VAE decode, which runs once per call.
-WINOGRAD_SIZES = 12, 32
+# (docs/benchmarks.md, `tools/bench_conv.py`): inputs of 12 pixels a side or more (smaller ones waste much of their
+# tiles), 256 channels or more in and out (with fewer, the products are too small to outweigh the transforms), and
+# at least 2048 output pixels per call, so that the time saved is worth the cached weight (16/9 the plain one, kept
+# beside it): the UNet's 64 x 64 and 32 x 32 levels with guidance (SD 1.5 at 512 px: 0.42 GB) and the VAE
+# decoder's 512- and 256-channel convolutions (0.30 GB), not the UNet's 16 x 16 level (1.2 GB more for -0.3 s
+# per step) nor its 8 x 8 one.
+WINOGRAD_MIN_SIZE = 12
 WINOGRAD_MIN_PIXELS = 2048
 WINOGRAD_MIN_CHANNELS = 256
 # fp32 convolutions with more input channels than this (the UNet decoder's, on the skip connection concatenated
@@ -155,9 +157,8 @@ def _reorder_conv(w: Tensor, args: tuple, x: Tensor) -> Tensor | tuple[Tensor, .
 
 def _winograd_pays(conv: nn.Conv2d, x: Tensor) -> bool:
     n, _, h, w = x.shape
-    low, high = WINOGRAD_SIZES
     return (x.dtype == torch.float32 and not torch.is_grad_enabled() and _is_3x3_same(conv)
-            and low <= h <= high and low <= w <= high and n * h * w >= WINOGRAD_MIN_PIXELS
+            and min(h, w) >= WINOGRAD_MIN_SIZE and n * h * w >= WINOGRAD_MIN_PIXELS
             and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
 
@@ -197,10 +198,16 @@ _PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1
 
 def upsample_weight(weight: Tensor) -> Tensor:
     """A 3x3 kernel (O, I, 3, 3) as the four 2x2 kernels (4 * O, I, 2, 2) of `upsample_conv`, phase (a, b) of the
-    output rows and columns in rows (2 * a + b) * O to (2 * a + b + 1) * O; sums taken in fp32."""
+    output rows and columns in rows (2 * a + b) * O to (2 * a + b + 1) * O; sums taken in fp32, one matrix product
+    over the 9 taps per phase."""
+    o, i = weight.shape[:2]
     taps = torch.tensor(_PHASE_TAPS, device=weight.device)
-    phases = torch.einsum("apk,oikl,bql->aboipq", taps, weight.float(), taps)  # (2, 2, O, I, 2, 2)
-    return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
+    phases = torch.einsum("apk,bql->abpqkl", taps, taps).reshape(4, 4, 9)  # (phase a b, tap p q, tap k l)
+    w = weight.float().reshape(o * i, 9)
+    out = w.new_empty(4, o * i, 4)
+    for ab in range(4):
+        torch.mm(w, phases[ab].t(), out=out[ab])
+    return out.view(4 * o, i, 2, 2).to(weight.dtype)
 
 
 def _is_3x3_same(conv: nn.Conv2d) -> bool:
@@ -286,11 +293,25 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]:
 
 def release_derived_weights(model: nn.Module) -> None:
     """Inside a packed block: frees the weights made from the plain ones and kept beside them (Winograd and
-    upsampling-phase weights; SD 1.5 UNet at 512 px: 0.57 GB); the next call that needs one makes it again. The
-    pipeline calls it on the UNet when sampling ends, so that the VAE decode's peak memory does not carry them."""
+    upsampling-phase weights; SD 1.5 at 512 px: UNet 0.66 GB, VAE decoder 0.30 GB) and this thread's Winograd
+    workspace; the next call that needs one makes it again. The pipeline calls it on the UNet when sampling ends
+    and on the VAE after decoding, so that neither phase's peak memory carries the other's."""
     for m in model.modules():
         m.__dict__.pop(WINOGRAD_ATTR, None)
         m.__dict__.pop(UPSAMPLE_ATTR, None)
+    workspace().release()
+
+
+@contextlib.contextmanager
+def sampling_memory(unet: nn.Module, rows: int, h: int, w: int, device: torch.device | str) -> Iterator[None]:
+    """What a sampling loop runs in: `keep_freed_memory` sized for UNet calls on `rows` latents of h x w, and on
+    exit (errors included) `release_derived_weights(unet)`, whose derived weights the VAE decode that follows does
+    not need. Used by the pipeline and by tools/bench.py's UNet-step timing, so that both run the same way."""
+    try:
+        with keep_freed_memory(largest_activation(unet, rows, h, w), device):
+            yield
+    finally:
+        release_derived_weights(unet)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from .config import Interval, check_interval
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, to_pil
-from .optimize import for_inference, keep_freed_memory, largest_activation, release_derived_weights
+from .optimize import for_inference, release_derived_weights, sampling_memory
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
                        resolve_sampler, sample)
 from .schedules import alphas_cumprod_for
@@ -139,8 +139,11 @@ def decode(sd, latents: Tensor, nan_fallback: bool = True, image_by_image: bool 
     """Scaled latents -> images in [-1, 1], one image at a time if asked (batch invariance, less memory), in tiles
     of tile_size x tile_size pixels if given (less memory, see `ldm.tiling`)."""
     if image_by_image and latents.shape[0] > 1:
-        return torch.cat([decode(sd, z[None], nan_fallback, tile_size=tile_size) for z in latents])
-    return _decode(sd, latents, nan_fallback, tile_size)
+        images = torch.cat([_decode(sd, z[None], nan_fallback, tile_size) for z in latents])
+    else:
+        images = _decode(sd, latents, nan_fallback, tile_size)
+    release_derived_weights(sd.vae)  # inside a packed block: not held through the next call's sampling
+    return images
 
 
 def _decode(sd, latents: Tensor, nan_fallback: bool, tile_size: int | None) -> Tensor:
@@ -242,13 +245,11 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
             callback(info["i"] + 1, info["total"], info["x"])
 
     rows = (1 if image_by_image else len(prompts)) * (1 if uncond is None else 2)  # latents per UNet call
-    with keep_freed_memory(largest_activation(sd.unet, rows, *shape[1:]), sd.device):
-        latents = sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
-                         schedule=resolve_schedule(sampler, schedule),
-                         eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
-                         init_latent=init_latents, strength=strength, callback=on_step)
-    release_derived_weights(sd.unet)  # not needed by the decode that follows
-    return latents
+    with sampling_memory(sd.unet, rows, *shape[1:], sd.device):
+        return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
+                      schedule=resolve_schedule(sampler, schedule),
+                      eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
+                      init_latent=init_latents, strength=strength, callback=on_step)
 
 
 def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,
@@ -361,6 +362,7 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
     with memory.sliced_attention(), for_inference(sd):
         with torch.no_grad():
             posterior = sd.vae.encode(pixels.to(sd.device), tiled=memory.vae_tiling, tile_size=memory.vae_tile_size)
+        release_derived_weights(sd.vae)  # the encoder's, not needed while sampling
         # image i's posterior sample, then its starting noise, both from its own generator
         eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
         init = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor

@@ -16,8 +16,15 @@ transforms (additions and subtractions, memory bound) and a weight 16/9 the size
 
 The transforms use only 0, +-1 and 1/2, so the result equals the direct convolution up to float summation order
 (measured ~7e-7 relative to the output's largest value in fp32, as accurate as oneDNN's direct convolution). It
-is not used in bf16, where the rounded transforms would cost accuracy. `ldm.optimize` decides where it pays."""
+is not used in bf16, where the rounded transforms would cost accuracy. `ldm.optimize` decides where it pays.
+
+The transforms are PyTorch additions over chunks of tile rows, bound by memory bandwidth; their temporaries come
+from a kept `Workspace`, since fresh pages (faulted in and zeroed by the kernel) would cost more than the
+algorithm saves at 64 pixels a side and above."""
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 from torch import Tensor
@@ -32,42 +39,96 @@ CHUNK_BYTES = 16 << 20
 
 def winograd_weight(weight: Tensor) -> Tensor:
     """A 3x3 kernel (O, I, 3, 3) as the 16 matrices U = G g G^T (16, I, O) of `winograd_conv3x3`, matrix 4 * j + i
-    for row i and column j of the transformed 4x4 kernel."""
+    for row i and column j of the transformed 4x4 kernel. One matrix product over the 9 taps, (16, 9) @ (9, O * I),
+    into (16, O, I) storage, returned as its (16, I, O) transpose, which the products in `winograd_conv3x3` take
+    as it is (SD 1.5's 1920 -> 640 kernel: 21 ms; computing it in (I, O) storage took 100 ms, mostly the transpose)."""
+    o, i = weight.shape[:2]
     g = torch.tensor(G, dtype=weight.dtype, device=weight.device)
-    u = torch.einsum("ik,oykl,jl->jiyo", g, weight, g)  # (4 columns, 4 rows, I, O)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).contiguous()
+    taps = torch.einsum("ik,jl->jikl", g, g).reshape(16, 9)  # row 4 * j + i, column 3 * k + l: G[i, k] G[j, l]
+    return (taps @ weight.reshape(o * i, 9).t()).view(16, o, i).transpose(1, 2)
 
 
-def winograd_conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
+class Workspace:
+    """One flat buffer that a call's per-chunk temporaries are cut from, kept for the next chunks and calls. Fresh
+    temporaries for every chunk are fresh pages, which the kernel faults in and zeroes: on 2 cores that cost more
+    than Winograd saves at 64 pixels and above (VAE decoder at 512 px, 512 channels at 128 px: 140 ms from a kept
+    buffer, 250 ms from fresh ones; oneDNN's direct convolution: 184-200 ms). About 3.5 CHUNK_BYTES."""
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+
+    def take(self, like: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
+        """Contiguous tensors of the given shapes in `like`'s dtype and device, 64-byte aligned, valid until the
+        next `take`."""
+        sizes = [-(-math.prod(shape) // 16) * 16 for shape in shapes]
+        b = self.buffer
+        if b is None or b.numel() < sum(sizes) or b.dtype != like.dtype or b.device != like.device:
+            self.buffer = None  # the old one goes before the new one comes
+            b = self.buffer = like.new_empty(sum(sizes) + 16)
+        b = b[(-b.data_ptr() % 64) // b.element_size():]  # 64-byte aligned start (AVX-512 loads)
+        out, start = [], 0
+        for shape, size in zip(shapes, sizes):
+            out.append(b[start:start + math.prod(shape)].view(shape))
+            start += size
+        return out
+
+    def release(self) -> None:
+        self.buffer = None
+
+
+_workspaces = threading.local()
+
+
+def workspace() -> Workspace:
+    """This thread's workspace (threads must not share one)."""
+    if not hasattr(_workspaces, "ws"):
+        _workspaces.ws = Workspace()
+    return _workspaces.ws
+
+
+def winograd_conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, ws: Workspace | None = None) -> Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a 3x3 kernel given as u = winograd_weight(weight); x (N, I, H, W)
     -> (N, O, H, W), channels-last (as oneDNN's convolutions return it). Any H and W (odd ones are padded to whole
-    tiles and cropped). Works through the tile rows in chunks of about CHUNK_BYTES of transformed tiles."""
+    tiles and cropped). Works through the tile rows in chunks of about CHUNK_BYTES of transformed tiles, whose
+    temporaries come from `ws` (default: this thread's `workspace()`, kept until released)."""
     n, c, h, w = x.shape
     o = u.shape[-1]
+    ws = workspace() if ws is None else ws
     rows, cols = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles
-    # zero-padded input (N, 2 * rows + 2, 2 * cols + 2, I), channels last: one pixel of padding, more for odd sizes
-    xp = x.new_empty(n, 2 * rows + 2, 2 * cols + 2, c)
-    xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
-    xp[:, :1] = 0
-    xp[:, h + 1:] = 0
-    xp[:, :, :1] = 0
-    xp[:, :, w + 1:] = 0
+    pixels = x.permute(0, 2, 3, 1)  # (N, H, W, I): a view, contiguous when x is channels-last
     out = x.new_empty(n, 2 * rows, 2 * cols, o)
     step = max(1, CHUNK_BYTES // (16 * n * cols * max(c, o) * x.element_size()))  # tile rows per chunk
     for first in range(0, rows, step):
         count = min(step, rows - first)
-        by_rows = x.new_empty(4, n, count, 2 * cols + 2, c)
-        _transform_in(xp[:, 2 * first:2 * (first + count) + 2], 1, by_rows)
-        v = x.new_empty(4, 4, n, count, cols, c)  # (column j, row i, N, tile row, tile column, I)
-        _transform_in(by_rows, 3, v)
-        m = torch.bmm(v.view(16, -1, c), u).view(4, 4, n, count, cols, o)  # (j, i, ...)
+        xc, by_rows, v, m, s = ws.take(x, (n, 2 * count + 2, 2 * cols + 2, c), (4, n, count, 2 * cols + 2, c),
+                                       (4, 4, n, count, cols, c), (4, 4, n, count, cols, o),
+                                       (2, 4, n, count, cols, o))
+        # the chunk's input rows, zero-padded: row r of xc is input row 2 * first - 1 + r
+        top = 2 * first - 1
+        lo, hi = max(top, 0), min(top + 2 * count + 2, h)
+        xc[:, :lo - top] = 0
+        xc[:, hi - top:] = 0
+        xc[:, lo - top:hi - top, :1] = 0
+        xc[:, lo - top:hi - top, w + 1:] = 0
+        xc[:, lo - top:hi - top, 1:w + 1] = pixels[:, lo:hi]
+        _transform_in(xc, 1, by_rows)  # B^T along the rows ...
+        _transform_in(by_rows, 3, v)  # ... then the columns: v (column j, row i, N, tile row, tile column, I)
+        torch.bmm(v.view(16, -1, c), u, out=m.view(16, -1, o))
         if bias is not None:
             m[1, 1] += bias  # A^T's middle column is all ones: M[1, 1] reaches every output pixel once
-        # A^T along the columns (j), then the rows (i), into output pixel (2 * tile row + a, 2 * tile column + b)
+        # A^T along the columns (j): s[b] = (m0 + m1 + m2, m1 - m2 - m3)[b], (row i, N, tile row, tile column, O)
+        torch.add(m[1], m[2], out=s[0])
+        s[0] += m[0]
+        torch.sub(m[1], m[2], out=s[1])
+        s[1] -= m[3]
+        # then along the rows (i), into output pixel (2 * tile row + a, 2 * tile column + b)
         dst = out[:, 2 * first:2 * (first + count)]
-        for b, s in enumerate((m[0:3].sum(0), m[1] - m[2] - m[3])):  # (i, N, tile row, tile column, O)
-            torch.sum(s[0:3], 0, out=dst[:, 0::2, b::2])
-            torch.sub(s[1] - s[2], s[3], out=dst[:, 1::2, b::2])
+        for b in (0, 1):
+            even, odd = dst[:, 0::2, b::2], dst[:, 1::2, b::2]
+            torch.add(s[b, 0], s[b, 1], out=even)
+            even += s[b, 2]
+            torch.sub(s[b, 1], s[b, 2], out=odd)
+            odd -= s[b, 3]
     if 2 * rows != h or 2 * cols != w:
         out = out[:, :h, :w].contiguous()
     return out.permute(0, 3, 1, 2)

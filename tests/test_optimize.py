@@ -239,6 +239,29 @@ def test_winograd_conv_in_chunks_of_tile_rows(monkeypatch, chunk_bytes):
     assert rel_err(winograd.winograd_conv3x3(x, winograd.winograd_weight(weight), b), ref) < 1e-6
 
 
+def test_winograd_workspace_is_reused_across_chunks_and_calls():
+    """The chunks' temporaries come from one aligned buffer, kept for the next calls, grown when a call needs
+    more, and released on demand; results are those of fresh temporaries."""
+    gen = torch.Generator().manual_seed(3)
+    ws = winograd.Workspace()
+    small, large = torch.randn(1, 8, 6, 7, generator=gen), torch.randn(2, 8, 12, 9, generator=gen)
+    weight = torch.randn(5, 8, 3, 3, generator=gen)
+    u = winograd.winograd_weight(weight)
+    outs = []
+    for x in (small, large, small):
+        outs.append(winograd.winograd_conv3x3(x, u, ws=ws))
+        assert ws.buffer is not None
+        assert rel_err(outs[-1], nn.functional.conv2d(x.double(), weight.double(), padding=1)) < 1e-6
+        if x is large:
+            grown = ws.buffer.data_ptr()
+    assert ws.buffer.data_ptr() == grown  # the smaller call took the grown buffer as it was
+    assert torch.equal(outs[0], outs[2])
+    views = ws.take(small, (3, 5), (7,), (2, 2))
+    assert all(v.data_ptr() % 64 == 0 and v.is_contiguous() for v in views)
+    ws.release()
+    assert ws.buffer is None
+
+
 @torch.no_grad()
 def test_packed_conv_takes_winograd_where_it_pays_and_keeps_the_plain_weight():
     conv = nn.Conv2d(256, 256, 3, padding=1)
@@ -253,6 +276,10 @@ def test_packed_conv_takes_winograd_where_it_pays_and_keeps_the_plain_weight():
         assert rel_err(conv(small), ref_small) < 1e-5
         assert conv.__dict__[optimize.PACKED_ATTR] is not None
         assert rel_err(conv(x), ref) < 1e-5  # from the Winograd weight made before
+        optimize.release_derived_weights(conv)
+        large = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1))  # the UNet's 64 x 64 level
+        assert rel_err(conv(large), nn.functional.conv2d(large, weight, conv.bias, padding=1)) < 1e-5
+        assert optimize.WINOGRAD_ATTR in conv.__dict__
         with torch.enable_grad():
             assert torch.equal(conv(x.clone().requires_grad_()).detach(), ref)  # autograd: the plain path
     assert rel_err(out, ref) < 1e-5
@@ -306,6 +333,45 @@ def test_pipeline_prepacked_matches_plain(monkeypatch, tiling):
     diff = (torch.tensor(list(packed.images[0].getdata())) - torch.tensor(list(plain.images[0].getdata()))).abs()
     assert diff.max() <= 1
     assert not optimize.is_packed(sd)
+
+
+class _OneConvUNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = type("Cfg", (), {"model_channels": 4})()
+        self.conv = nn.Conv2d(256, 256, 3, padding=1)
+
+
+@torch.no_grad()
+def test_sampling_memory_releases_derived_weights_even_on_error():
+    unet = _OneConvUNet()
+    x = torch.randn(2, 256, 32, 32, generator=torch.Generator().manual_seed(4))
+    with optimize.packed_weights(unet):
+        with pytest.raises(RuntimeError, match="a sampler error"):
+            with optimize.sampling_memory(unet, 2, 32, 32, "cpu"):
+                unet.conv(x)
+                assert optimize.WINOGRAD_ATTR in unet.conv.__dict__
+                raise RuntimeError("a sampler error")
+        assert optimize.WINOGRAD_ATTR not in unet.conv.__dict__
+        assert winograd.workspace().buffer is None
+
+
+@torch.no_grad()
+def test_decode_releases_the_vaes_derived_weights():
+    """Inside an outer packed block (several calls) the VAE's upsampling-phase weights are made for each decode
+    and not held after it, so the next call's sampling does not carry them."""
+    from ldm.pipeline import decode
+
+    sd, _ = random_model(preset("tiny"), seed=5)
+    seen = []
+    hook = sd.vae.decoder.conv_out.register_forward_pre_hook(
+        lambda *_: seen.append(any(optimize.UPSAMPLE_ATTR in m.__dict__ for m in sd.vae.modules())))
+    with optimize.for_inference(sd):
+        for _ in range(2):
+            decode(sd, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), image_by_image=True)
+            assert not any(optimize.UPSAMPLE_ATTR in m.__dict__ for m in sd.vae.modules())
+    hook.remove()
+    assert seen == [True] * 4
 
 
 def test_cli_compile_without_a_compiler_is_a_usage_error(tmp_path, monkeypatch, capsys):
