@@ -20,7 +20,6 @@ With `--write` the results replace the matching section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
@@ -329,7 +328,7 @@ def _loader(variant: Variant, spec: dict, device, dtype) -> Callable[[], object]
 
 
 def _ldm_case(sd, size: int, steps: int) -> Case:
-    from ldm.optimize import keep_freed_memory, largest_activation, release_derived_weights
+    from ldm.optimize import release_derived_weights, sampling_memory
     from ldm.pipeline import decode, txt2img
 
     def whole(noise):
@@ -339,14 +338,16 @@ def _ldm_case(sd, size: int, steps: int) -> Case:
     def image(result):  # txt2img returns 8-bit images: decode its final latents again, as it did, in float
         return ((decode(sd, result.latents) + 1) / 2)[0].permute(1, 2, 0)
 
-    @contextlib.contextmanager
     def stepping(x):  # as ldm's sampling loop runs (ldm.pipeline.generate)
-        with keep_freed_memory(largest_activation(sd.unet, x.shape[0], *x.shape[2:]), x.device):
-            yield
-        release_derived_weights(sd.unet)
+        return sampling_memory(sd.unet, x.shape[0], *x.shape[2:], x.device)
+
+    def vae(z):  # as ldm.pipeline.decode: the decoder's derived weights are made and released in each call
+        images = sd.vae.decode(z)
+        release_derived_weights(sd.vae)
+        return images
 
     return Case(text=lambda: sd.encode_prompt([PROMPT]), unet=lambda x, t, c: sd.unet(x, t, c),
-                vae=lambda z: sd.vae.decode(z), txt2img=whole, image=image, stepping=stepping)
+                vae=vae, txt2img=whole, image=image, stepping=stepping)
 
 
 def _diffusers_case(pipe, size: int, steps: int) -> Case:
@@ -422,6 +423,8 @@ def child_txt2img(spec: dict) -> dict:
             timings["unet_s"], outputs["unet"] = _median_time(lambda: case.unet(x, t, context), warmup, runs, sync,
                                                               first_unet)
         timings["vae_s"], outputs["vae"] = _median_time(lambda: case.vae(z), warmup, runs, sync)
+    # each txt2img on its own, as a single call runs: ldm packs the weights and restores them in every call
+    with torch.no_grad():
         timings["txt2img_s"], result = _median_time(lambda: case.txt2img(noise), warmup, runs, sync)
         outputs["image"] = case.image(result)
     for name in OUTPUTS:
