@@ -289,6 +289,17 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     finally:
         for m in modules:
             _unpack(m)
+        if modules:
+            trim_heap()
+
+
+def trim_heap() -> None:
+    """Gives the heap's free memory back to the kernel (glibc's `malloc_trim`; elsewhere nothing). Packed weights
+    made inside `keep_freed_memory` live in the heap, and once restored they leave it full of holes that glibc
+    keeps: SD 1.5 held 1.06 GB more after a 512 px txt2img than after loading (5.93 against 4.85 GB) until this."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(ctypes.c_size_t(0))
 
 
 def release_derived_weights(model: nn.Module) -> None:

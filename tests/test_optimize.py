@@ -335,6 +335,32 @@ def test_pipeline_prepacked_matches_plain(monkeypatch, tiling):
     assert not optimize.is_packed(sd)
 
 
+@pytest.mark.skipif(optimize._glibc() is None, reason="tunes glibc's malloc")
+def test_leaving_a_packed_block_gives_the_heaps_free_memory_back(monkeypatch):
+    """Packed weights made inside keep_freed_memory live in the heap; once restored, their memory is trimmed."""
+    trims = []
+    real = optimize._glibc()
+
+    class Libc:
+        def malloc_trim(self, pad):
+            trims.append(pad.value)
+            return real.malloc_trim(pad)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(optimize, "_glibc", lambda: Libc())
+    layer = nn.Linear(512, 512)
+    with torch.no_grad(), optimize.packed_weights(layer):
+        with optimize.keep_freed_memory(1 << 20):
+            layer(torch.randn(4, 512))
+        trims.clear()
+    assert trims == [0]
+    with optimize.packed_weights(nn.Sequential()):  # nothing packed: nothing to trim
+        pass
+    assert trims == [0]
+
+
 class _OneConvUNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
