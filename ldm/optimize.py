@@ -270,7 +270,7 @@ def _pack(m: nn.Module) -> bool:
 
 
 def _unpack(m: nn.Module) -> None:
-    release_derived_weights(m)
+    _drop_derived(m)
     packed = m.__dict__.pop(PACKED_ATTR)
     if packed is not None:  # back to a plain layout (bit-exact), in the dtype and on the device the module has now
         m.weight.data = _to_dense(packed).to(m.weight.device, m.weight.dtype)
@@ -290,6 +290,7 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]:
         for m in modules:
             _unpack(m)
         if modules:
+            workspace().release()
             trim_heap()
 
 
@@ -308,9 +309,13 @@ def release_derived_weights(model: nn.Module) -> None:
     workspace; the next call that needs one makes it again. The pipeline calls it on the UNet when sampling ends
     and on the VAE after decoding, so that neither phase's peak memory carries the other's."""
     for m in model.modules():
-        m.__dict__.pop(WINOGRAD_ATTR, None)
-        m.__dict__.pop(UPSAMPLE_ATTR, None)
+        _drop_derived(m)
     workspace().release()
+
+
+def _drop_derived(m: nn.Module) -> None:
+    m.__dict__.pop(WINOGRAD_ATTR, None)
+    m.__dict__.pop(UPSAMPLE_ATTR, None)
 
 
 @contextlib.contextmanager
@@ -423,4 +428,4 @@ def keep_freed_memory(largest: int, device: torch.device | str = "cpu") -> Itera
         _kept_depth -= 1
         libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_MMAP))
         libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_TRIM))
-        libc.malloc_trim(ctypes.c_size_t(0))
+        trim_heap()

@@ -60,12 +60,13 @@ class Workspace:
     def take(self, like: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
         """Contiguous tensors of the given shapes in `like`'s dtype and device, 64-byte aligned, valid until the
         next `take`."""
-        sizes = [-(-math.prod(shape) // 16) * 16 for shape in shapes]
+        line = 64 // like.element_size()  # elements per 64 bytes (an AVX-512 load)
+        sizes = [-(-math.prod(shape) // line) * line for shape in shapes]
         b = self.buffer
-        if b is None or b.numel() < sum(sizes) or b.dtype != like.dtype or b.device != like.device:
+        if b is None or b.numel() < sum(sizes) + line or b.dtype != like.dtype or b.device != like.device:
             self.buffer = None  # the old one goes before the new one comes
-            b = self.buffer = like.new_empty(sum(sizes) + 16)
-        b = b[(-b.data_ptr() % 64) // b.element_size():]  # 64-byte aligned start (AVX-512 loads)
+            b = self.buffer = like.new_empty(sum(sizes) + line)
+        b = b[(-b.data_ptr() % 64) // b.element_size():]  # 64-byte aligned start
         out, start = [], 0
         for shape, size in zip(shapes, sizes):
             out.append(b[start:start + math.prod(shape)].view(shape))

@@ -258,6 +258,10 @@ def test_winograd_workspace_is_reused_across_chunks_and_calls():
     assert torch.equal(outs[0], outs[2])
     views = ws.take(small, (3, 5), (7,), (2, 2))
     assert all(v.data_ptr() % 64 == 0 and v.is_contiguous() for v in views)
+    whole = ws.take(small, (ws.buffer.numel(),))[0]  # a take as large as the buffer: it grows, keeping alignment
+    assert whole.data_ptr() % 64 == 0 and whole.numel() <= ws.buffer.numel()
+    halves = ws.take(small.bfloat16(), (3, 5), (7,))
+    assert all(v.data_ptr() % 64 == 0 and v.dtype == torch.bfloat16 for v in halves)
     ws.release()
     assert ws.buffer is None
 
