@@ -23,8 +23,8 @@ the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the wor
 Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions of 256 channels or more on inputs of 12
 pixels a side or more, with 2048 output pixels or more per call, take Winograd's F(2x2, 3x3) (`ldm.winograd`),
 4/9 of the multiply-adds, from a transformed weight cached beside the plain one: for SD 1.5 at 512 px with
-guidance, the UNet's 64 x 64 and 32 x 32 levels (0.42 GB) and the VAE decoder's 512- and 256-channel
-convolutions (0.30 GB), released by `release_derived_weights` when sampling ends and after each decode.
+guidance, the UNet's 64 x 64 and 32 x 32 levels (0.42 GB), released by `release_derived_weights` when sampling
+ends, and the VAE decoder's 512- and 256-channel convolutions, each made, used and freed in turn (`single_pass`).
 Convolutions of more than SPLIT_CHANNELS input channels run in pieces. SD 1.5 at 512 px, 2 cores: UNet step -13%,
 VAE decode -10%.
 
@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import functools
 import platform
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -73,6 +74,7 @@ SPLIT_CHANNELS = 1280
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_SETTLED_MMAP, _GLIBC_SETTLED_TRIM = 32 << 20, 64 << 20
 _kept_depth = 0  # open keep_freed_memory blocks
+_single_pass = threading.local()  # depth: open single_pass blocks in this thread
 
 
 def mkldnn_available() -> bool:
@@ -162,13 +164,35 @@ def _winograd_pays(conv: nn.Conv2d, x: Tensor) -> bool:
             and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
 
+def _derived(conv: nn.Conv2d, attr: str, make) -> tuple:
+    """conv's weight derived by `make()`, kept as conv.<attr> until `release_derived_weights`; inside a
+    `single_pass` block made, used and freed."""
+    derived = conv.__dict__.get(attr)
+    if derived is None:
+        derived = make()
+        if not getattr(_single_pass, "depth", 0):
+            conv.__dict__[attr] = derived
+    return derived
+
+
+@contextlib.contextmanager
+def single_pass() -> Iterator[None]:
+    """For a forward pass in which each layer runs once (the VAE's untiled decode and encode): in this thread,
+    derived weights (Winograd, upsampling phases) are made, used and freed instead of kept, so that the pass's
+    peak memory does not carry those of the layers it has passed (SD 1.5 decoder at 512 px: 0.3 GB)."""
+    _single_pass.depth = getattr(_single_pass, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _single_pass.depth -= 1
+
+
 def _winograd(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """conv(x) by `winograd_conv3x3`, from a Winograd weight made once per block. A conv that takes this path
-    first keeps its plain weight (nothing is packed for it), so the cache is 16/9 of the weight in addition."""
-    cached = conv.__dict__.get(WINOGRAD_ATTR)
-    if cached is None:
-        cached = conv.__dict__[WINOGRAD_ATTR] = winograd_weight(_dense(conv, x)), _bias(conv, x)
-    return winograd_conv3x3(x, *cached)
+    """conv(x) by `winograd_conv3x3`, from a Winograd weight made once per block (per call in a `single_pass`). A
+    conv that takes this path keeps its plain weight (nothing is packed for it), so the cache is 16/9 of the weight
+    in addition."""
+    return winograd_conv3x3(x, *_derived(conv, WINOGRAD_ATTR, lambda: (winograd_weight(_dense(conv, x)),
+                                                                       _bias(conv, x))))
 
 
 def _packed_conv(self: nn.Conv2d, x: Tensor) -> Tensor:
@@ -236,12 +260,15 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     n, _, h, w = x.shape
     o = conv.out_channels
     args = [1, 1], [1, 1], [1, 1], 1  # padding, stride, dilation, groups
-    packed = conv.__dict__.get(UPSAMPLE_ATTR)
-    if packed is None or packed[0].dtype != x.dtype:  # once per block (and dtype), from the plain weight, which
-        # stays: the summed phase weights do not give it back bit for bit
-        weight = torch.ops.mkldnn._reorder_convolution_weight(upsample_weight(_dense(conv, x)), *args, list(x.shape))
+    if (packed := conv.__dict__.get(UPSAMPLE_ATTR)) is not None and packed[0].dtype != x.dtype:
+        del conv.__dict__[UPSAMPLE_ATTR]  # made for another dtype
+
+    def make():  # from the plain weight, which stays: the summed phase weights do not give it back bit for bit
         bias = _bias(conv, x)
-        packed = conv.__dict__[UPSAMPLE_ATTR] = weight, None if bias is None else bias.repeat(4)
+        return (torch.ops.mkldnn._reorder_convolution_weight(upsample_weight(_dense(conv, x)), *args, list(x.shape)),
+                None if bias is None else bias.repeat(4))
+
+    packed = _derived(conv, UPSAMPLE_ATTR, make)
     # (N, 4 * O, H + 1, W + 1): with one pixel of zero padding, phase (a, b) of output pixel (i, j) is at (i + a, j + b)
     phases = torch.ops.mkldnn._convolution_pointwise(x, *packed, *args, "none", [], "")
     channels_last = phases.is_contiguous(memory_format=torch.channels_last)
@@ -305,7 +332,7 @@ def trim_heap() -> None:
 
 def release_derived_weights(model: nn.Module) -> None:
     """Inside a packed block: frees the weights made from the plain ones and kept beside them (Winograd and
-    upsampling-phase weights; SD 1.5 at 512 px: UNet 0.66 GB, VAE decoder 0.30 GB) and this thread's Winograd
+    upsampling-phase weights; SD 1.5 at 512 px: UNet 0.66 GB) and this thread's Winograd
     workspace; the next call that needs one makes it again. The pipeline calls it on the UNet when sampling ends
     and on the VAE after decoding, so that neither phase's peak memory carries the other's."""
     for m in model.modules():
@@ -322,12 +349,16 @@ def _drop_derived(m: nn.Module) -> None:
 def sampling_memory(unet: nn.Module, rows: int, h: int, w: int, device: torch.device | str) -> Iterator[None]:
     """What a sampling loop runs in: `keep_freed_memory` sized for UNet calls on `rows` latents of h x w, and on
     exit (errors included) `release_derived_weights(unet)`, whose derived weights the VAE decode that follows does
-    not need. Used by the pipeline and by tools/bench.py's UNet-step timing, so that both run the same way."""
-    try:
-        with keep_freed_memory(largest_activation(unet, rows, h, w), device):
+    not need. Used by the pipeline and by tools/bench.py's UNet-step timing, so that both run the same way.
+
+    The derived weights are released inside the kept-memory block, so that its closing heap trim returns them:
+    released after it, they stayed in the heap as free blocks under glibc's trim threshold (SD 1.5 at 512 px:
+    ~0.6 GB more resident through the VAE decode that follows)."""
+    with keep_freed_memory(largest_activation(unet, rows, h, w), device):
+        try:
             yield
-    finally:
-        release_derived_weights(unet)
+        finally:
+            release_derived_weights(unet)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .attention import attention
 from .config import AutoencoderConfig
 from .ops import add_into, add_residual, silu
-from .optimize import upsample_conv
+from .optimize import single_pass, upsample_conv
 from .tiling import DEFAULT_TILE_SIZE, tiled_decode, tiled_encode
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the original
@@ -204,7 +204,8 @@ class AutoencoderKL(nn.Module):
         if tiled:
             return DiagonalGaussian(tiled_encode(self, images, tile_size))
         dtype = self.quant_conv.weight.dtype
-        return DiagonalGaussian(self.quant_conv(self.encoder(images.to(dtype))))
+        with single_pass():
+            return DiagonalGaussian(self.quant_conv(self.encoder(images.to(dtype))))
 
     def decode(self, latents: Tensor, tiled: bool = False, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
         """Unscaled latents (B, z, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1]. `tiled` computes it in
@@ -214,7 +215,8 @@ class AutoencoderKL(nn.Module):
         if tiled:
             return tiled_decode(self, latents, tile_size)
         dtype = self.post_quant_conv.weight.dtype
-        return self.decoder(self.post_quant_conv(latents.to(dtype)))
+        with single_pass():
+            return self.decoder(self.post_quant_conv(latents.to(dtype)))
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
         posterior = self.encode(images)

@@ -8,6 +8,7 @@ from torch import nn
 
 import ldm
 from ldm import optimize, winograd
+from ldm import vae as vae_module
 from ldm.config import preset
 from reference import random_model
 
@@ -373,9 +374,12 @@ class _OneConvUNet(nn.Module):
 
 
 @torch.no_grad()
-def test_sampling_memory_releases_derived_weights_even_on_error():
+def test_sampling_memory_releases_derived_weights_even_on_error(monkeypatch):
+    """... and before the kept-memory block's heap trim, so that the trim returns their memory."""
     unet = _OneConvUNet()
     x = torch.randn(2, 256, 32, 32, generator=torch.Generator().manual_seed(4))
+    held_at_trim = []
+    monkeypatch.setattr(optimize, "trim_heap", lambda: held_at_trim.append(optimize.WINOGRAD_ATTR in unet.conv.__dict__))
     with optimize.packed_weights(unet):
         with pytest.raises(RuntimeError, match="a sampler error"):
             with optimize.sampling_memory(unet, 2, 32, 32, "cpu"):
@@ -384,24 +388,47 @@ def test_sampling_memory_releases_derived_weights_even_on_error():
                 raise RuntimeError("a sampler error")
         assert optimize.WINOGRAD_ATTR not in unet.conv.__dict__
         assert winograd.workspace().buffer is None
+        assert held_at_trim == ([False] if optimize._glibc() else [])
 
 
 @torch.no_grad()
-def test_decode_releases_the_vaes_derived_weights():
-    """Inside an outer packed block (several calls) the VAE's upsampling-phase weights are made for each decode
-    and not held after it, so the next call's sampling does not carry them."""
+def test_decode_releases_the_vaes_derived_weights(monkeypatch):
+    """Inside an outer packed block (several calls) the VAE's upsampling-phase weights are not held after a decode,
+    so the next call's sampling does not carry them; an untiled decode runs each layer once, so it frees each
+    derived weight after its use (`single_pass`)."""
     from ldm.pipeline import decode
 
     sd, _ = random_model(preset("tiny"), seed=5)
-    seen = []
+    made, seen = [], []
+    monkeypatch.setattr(optimize, "upsample_weight", lambda w, f=optimize.upsample_weight: made.append(1) or f(w))
     hook = sd.vae.decoder.conv_out.register_forward_pre_hook(
         lambda *_: seen.append(any(optimize.UPSAMPLE_ATTR in m.__dict__ for m in sd.vae.modules())))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with optimize.for_inference(sd):
         for _ in range(2):
-            decode(sd, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), image_by_image=True)
+            decode(sd, z, image_by_image=True)
             assert not any(optimize.UPSAMPLE_ATTR in m.__dict__ for m in sd.vae.modules())
     hook.remove()
-    assert seen == [True] * 4
+    upsamplings = sum(isinstance(m, vae_module.Upsample) for m in sd.vae.decoder.modules())
+    assert seen == [False] * 4 and len(made) == 4 * upsamplings  # the phase path ran, its weights made per image
+
+
+@torch.no_grad()
+def test_derived_weights_are_kept_for_the_next_call_except_in_a_single_pass(monkeypatch):
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn(1, 256, 48, 48, generator=torch.Generator().manual_seed(6))
+    made = []
+    monkeypatch.setattr(optimize, "winograd_weight", lambda w, f=optimize.winograd_weight: made.append(1) or f(w))
+    with optimize.packed_weights(conv):
+        first = conv(x)
+        assert torch.equal(conv(x), first) and len(made) == 1  # kept for the second call
+        optimize.release_derived_weights(conv)
+        with optimize.single_pass():
+            assert torch.equal(conv(x), first) and torch.equal(conv(x), first)
+            assert optimize.WINOGRAD_ATTR not in conv.__dict__ and len(made) == 3  # made per call, not kept
+        conv(x)
+        assert optimize.WINOGRAD_ATTR in conv.__dict__  # kept again outside the pass
+    torch.testing.assert_close(first, conv(x), rtol=0, atol=1e-4)
 
 
 def test_cli_compile_without_a_compiler_is_a_usage_error(tmp_path, monkeypatch, capsys):

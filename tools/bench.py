@@ -419,23 +419,34 @@ def child_txt2img(spec: dict) -> dict:
     def inference():
         return importlib.import_module("ldm.optimize").for_inference(model) if variant.impl == "ldm" else nullcontext()
 
+    phase_peaks = {}  # the peak RSS of each phase (VmHWM, reset between them), to tell where the peak comes from
+
+    def phase_end(name: str) -> None:
+        phase_peaks[name] = _peak_rss()
+        _reset_peak_rss()
+
     with torch.no_grad(), inference():
         timings["text_s"], outputs["text"] = _median_time(case.text, warmup, runs, sync)
+        phase_end("text")
         with case.stepping(x):  # ldm: as its sampling loop runs the UNet (ldm.optimize.keep_freed_memory)
             timings["unet_s"], outputs["unet"] = _median_time(lambda: case.unet(x, t, context), warmup, runs, sync,
                                                               first_unet)
+        phase_end("unet")
         timings["vae_s"], outputs["vae"] = _median_time(lambda: case.vae(z), warmup, runs, sync)
+    phase_end("vae")
     # each txt2img on its own, as a single call runs: ldm packs the weights and restores them in every call
     with torch.no_grad():
         timings["txt2img_s"], result = _median_time(lambda: case.txt2img(noise), warmup, runs, sync)
+    phase_end("txt2img")
     with torch.no_grad(), inference():  # decoded again as the call decoded it (an unpacked decode takes more memory)
         outputs["image"] = case.image(result)
     for name in OUTPUTS:
         np.save(Path(spec["out_dir"]) / f"{spec['tag']}-{name}.npy", outputs[name].float().cpu().numpy())
-    peak_run = _peak_rss()
+    phase_end("image")
+    peak_run = max(phase_peaks.values())
     out = {"load_s": t1 - t0, "setup_s": t2 - t1, "first_unet_s": first_unet[0], **timings,
-           "peak_rss": max(peak_load, peak_run),
-           "peak_rss_run": peak_run, "threads": torch.get_num_threads()}
+           "peak_rss": max(peak_load, peak_run), "peak_rss_run": peak_run,
+           "peak_phases": {"load": peak_load, **phase_peaks}, "threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated(device)
         out["gpu"] = torch.cuda.get_device_name(device)
@@ -585,7 +596,9 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
                         continue
                     rounds.setdefault((size, name), []).append(r)
                     print(f"{size} px {name:15} txt2img {r['txt2img_s']:.2f} s, UNet step {r['unet_s']:.3f} s, "
-                          f"peak {peak_memory(r) / GB:.2f} GB ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+                          f"peak {peak_memory(r) / GB:.2f} GB ({time.perf_counter() - start:.0f} s); peaks by phase "
+                          + ", ".join(f"{k} {v / GB:.2f}" for k, v in r.get("peak_phases", {}).items()),
+                          file=sys.stderr)
         results = {key: _across_rounds(rs) for key, rs in rounds.items() if key not in failed}
         pairs = [compare(size, a, b, results, Path(out_dir)) for size in args.sizes
                  for a, b in comparisons(names) if (size, a) in results and (size, b) in results]
