@@ -115,6 +115,25 @@ def test_nested_blocks_and_disabled():
         assert not optimize.is_packed(m)
 
 
+@pytest.mark.parametrize("o, c, k", [(32, 48, 3), (16, 8, 1)])
+def test_a_weight_packed_for_a_channels_last_input_goes_through_the_workspace(o, c, k, monkeypatch):
+    """The channels-last copy oneDNN wants is made in the kept workspace; the packed weight is the same, and its
+    pieces (a conv of more than SPLIT_CHANNELS inputs) give the plain weight back bit for bit."""
+    monkeypatch.setattr(optimize, "SPLIT_CHANNELS", 32)
+    w = torch.randn(o, c, k, k, generator=torch.Generator().manual_seed(o))
+    x = torch.randn(2, c, 6, 6).contiguous(memory_format=torch.channels_last)
+    args = [k // 2] * 2, [1, 1], [1, 1], 1
+    winograd.workspace().release()
+    last = optimize._reorder_conv(w, args, x)
+    assert (winograd.workspace().buffer is not None) == (k > 1)  # a 1x1 kernel is channels-last already
+    plain = optimize._reorder_conv(w, args, x.contiguous())
+    assert len(optimize._pieces(last)) == -(-c // 32)
+    for a, b in zip(optimize._pieces(last), optimize._pieces(plain), strict=True):
+        assert torch.equal(a.to_dense(), b.to_dense())
+    assert torch.equal(optimize._to_dense(last), w)
+    winograd.workspace().release()
+
+
 def test_multihead_attention_out_proj_is_left_alone():
     """nn.MultiheadAttention reads out_proj.weight directly; packing it would feed the placeholder."""
     mha = nn.MultiheadAttention(16, 2, batch_first=True)
@@ -355,10 +374,10 @@ def test_leaving_a_packed_block_gives_the_heaps_free_memory_back(monkeypatch):
             return getattr(real, name)
 
     monkeypatch.setattr(optimize, "_glibc", lambda: Libc())
-    layer = nn.Linear(512, 512)
+    layer = nn.Conv2d(64, 64, 3, padding=1)
     with torch.no_grad(), optimize.packed_weights(layer):
         with optimize.keep_freed_memory(1 << 20):
-            layer(torch.randn(4, 512))
+            layer(torch.randn(1, 64, 8, 8))
         trims.clear()
     assert trims == [0]
     with optimize.packed_weights(nn.Sequential()):  # nothing packed: nothing to trim
