@@ -152,8 +152,8 @@ def _reorder_conv(w: Tensor, args: tuple, x: Tensor) -> Tensor | tuple[Tensor, .
 
     For a channels-last input oneDNN packs from a channels-last weight: handed a plain (OIHW) one, it first copies
     it to that layout in fresh memory. The copy made here goes to this thread's kept workspace instead, which
-    takes 0.4-0.65 of the time (1280 channels: 27 against 41 ms; 640: 3 against 8 ms; tools/bench.py's
-    first UNet step)."""
+    takes 0.4-0.65 of the time per weight on 2 cores (1280 channels: 27 against 41 ms; 640: 3 against 8 ms; the
+    first UNet step of an SD 1.5 call at 256 px: 2.65 against 3.15 s)."""
     count = -(-w.shape[1] // SPLIT_CHANNELS) if w.dtype == torch.float32 else 1
     size = -(-w.shape[1] // count)
     last = w.shape[2:] != (1, 1) and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -345,9 +345,9 @@ def trim_heap() -> None:
 
 def release_derived_weights(model: nn.Module) -> None:
     """Inside a packed block: frees the weights made from the plain ones and kept beside them (Winograd and
-    upsampling-phase weights; SD 1.5 at 512 px: UNet 0.66 GB) and this thread's Winograd
-    workspace; the next call that needs one makes it again. The pipeline calls it on the UNet when sampling ends
-    and on the VAE after decoding, so that neither phase's peak memory carries the other's."""
+    upsampling-phase weights; SD 1.5 at 512 px: UNet 0.66 GB) and this thread's Winograd workspace; the next call
+    that needs one makes it again. The pipeline calls it on the UNet when sampling ends and on the VAE after
+    decoding (a tiled decode keeps them until then), so that neither phase's peak memory carries the other's."""
     for m in model.modules():
         _drop_derived(m)
     workspace().release()
