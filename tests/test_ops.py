@@ -29,6 +29,9 @@ def test_inference_in_place_equals_the_out_of_place_expressions(name, packed, mo
     # the packed upsampling (optimize.upsample_conv, inference only) sums in another order: test_optimize checks it
     monkeypatch.setattr(optimize, "_upsamples_fast", lambda conv, x: False)
     sd, _ = random_model(ldm.preset(name))
+    # no tensor needs grad: in grad mode a layer whose input needs grad computes from its plain weight (another
+    # oneDNN kernel than the packed one, whose rounding differs on some CPUs, e.g. AMD Zen 4)
+    sd.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700])
     context = torch.randn(2, 77, sd.config.unet.context_dim, generator=g)

@@ -56,9 +56,11 @@ def assert_same_training(run_a: Path, run_b: Path, step: int, lr: float) -> None
       to the scale of the gradient).
     - the learning rates are computed from the step alone: exactly equal (no double scheduler stepping).
     - weights: AdamW divides each gradient by its own running RMS, so a coordinate whose gradient is at the
-      round-off level may take a different step of up to ~lr; no bound much below lr can hold for every weight.
-      We require the largest difference below 0.1 lr and 99.9% of the weights within 1e-3 lr, whereas a real
-      mistake (a dropped or doubled gradient, another sample order) moves nearly every weight by ~lr."""
+      round-off level may take a different step of up to ~lr; no bound much below lr can hold for every weight
+      (on an AMD Zen 4 CPU ~20 of the tiny UNet's 985k weights differ by 0.01-0.14 lr after 3 steps).
+      We require every difference below lr, at most 1e-4 of the weights beyond 0.01 lr and 99.9% within 1e-3 lr,
+      whereas a real mistake (a dropped or doubled gradient, another sample order) moves nearly every weight by
+      ~lr."""
     rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (run_a, run_b)]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == list(range(1, step + 1))
     for key in ("loss", "grad_norm"):
@@ -67,7 +69,8 @@ def assert_same_training(run_a: Path, run_b: Path, step: int, lr: float) -> None
     for name in ("weights.safetensors", "ema.safetensors"):
         wa, wb = (load_file(str(r / "checkpoints" / f"step-{step}" / name)) for r in (run_a, run_b))
         diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
-        assert diff.max().item() < 0.1 * lr, (name, diff.max().item())
+        assert diff.max().item() < lr, (name, diff.max().item())
+        assert (diff > 0.01 * lr).sum().item() <= 1e-4 * diff.numel(), (name, (diff > 0.01 * lr).sum().item())
         assert diff.kthvalue(int(0.999 * diff.numel())).values.item() < 1e-3 * lr
 
 
