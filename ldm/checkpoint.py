@@ -230,6 +230,9 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
     vae: a separate VAE file, with or without the `first_stage_model.` prefix, replacing the bundled one.
     prediction: "eps" or "v", overriding the config and the probe.
     use_ema: load the `model_ema.*` UNet weights of a full training checkpoint instead of the raw ones.
+
+    The model comes back frozen, for inference: eval mode, no parameter requiring grad (so that the pipeline keeps
+    its packed CPU weights between calls, `ldm.optimize.for_inference`). Training turns on what it trains.
     """
     tensors, metadata = read_state_dict(path, dtype=dtype)
     cfg = resolve_config(config)
@@ -247,7 +250,7 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
         cfg = cfg.replace(prediction=prediction)
     model = build_and_adopt(cfg, tensors, source=str(path))
     model.source_name = Path(path).stem
-    model.to(device)
+    model.to(device).eval().requires_grad_(False)
     if probe:
         is_v = probe_v_prediction(model)
         name = ("sd-v2" if is_v else "sd-v2-base") if cfg.name in ("sd-v2", "sd-v2-base") else cfg.name

@@ -7,7 +7,6 @@ and AUTOMATIC1111 (`--W/--H`, `--n-samples`, `--n-iter`, `--scale`/`--cfg`, `--c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import shutil
@@ -300,7 +299,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import attention
     from .checkpoint import load
     from .images import file_sha256, save_png
-    from .optimize import for_inference
     from .pipeline import NaNError, img2img, random_seed, txt2img
 
     device = choose_device(opts["device"])
@@ -348,40 +346,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
              "requested_width": opts["width"], "requested_height": opts["height"]}
     total_batches = len(opts["prompts"]) * opts["n_iter"]
     batch = 0
-    # several batches: the weights are packed once for all of them (`for_inference`; each call would pack them
-    # and restore them again)
-    with for_inference(sd) if total_batches > 1 else contextlib.nullcontext():
-        for prompt in opts["prompts"]:
-            for _ in range(opts["n_iter"]):
-                bar = tqdm(total=opts["steps"], desc=f"batch {batch + 1}/{total_batches}", unit="it",
-                           disable=quiet, file=sys.stderr, leave=False)
+    # the model is loaded frozen, so its CPU weights are packed by the first batch and kept for the next ones
+    # (`ldm.optimize.for_inference`)
+    for prompt in opts["prompts"]:
+        for _ in range(opts["n_iter"]):
+            bar = tqdm(total=opts["steps"], desc=f"batch {batch + 1}/{total_batches}", unit="it",
+                       disable=quiet, file=sys.stderr, leave=False)
 
-                def progress(step: int, total: int, latents) -> None:
-                    bar.total = total
-                    bar.update(step - bar.n)
+            def progress(step: int, total: int, latents) -> None:
+                bar.total = total
+                bar.update(step - bar.n)
 
-                try:
-                    if opts["img2img"]:
-                        result = img2img(sd, opts["init_image"], prompt, strength=opts["strength"], seed=seed,
-                                         callback=progress, **common)
-                        extra_img = {"init_img": str(Path(opts["init_img"]).resolve()),
-                                     "init_img_sha256": file_sha256(opts["init_img"])}
-                    else:
-                        result = txt2img(sd, prompt, seed=seed, callback=progress, **common)
-                        extra_img = {}
-                except NaNError as e:
-                    bar.close()
-                    print(f"ldm {args.command}: error: {e}", file=sys.stderr)
-                    return 1
+            try:
+                if opts["img2img"]:
+                    result = img2img(sd, opts["init_image"], prompt, strength=opts["strength"], seed=seed,
+                                     callback=progress, **common)
+                    extra_img = {"init_img": str(Path(opts["init_img"]).resolve()),
+                                 "init_img_sha256": file_sha256(opts["init_img"])}
+                else:
+                    result = txt2img(sd, prompt, seed=seed, callback=progress, **common)
+                    extra_img = {}
+            except NaNError as e:
                 bar.close()
-                for i, image in enumerate(result.images):
-                    params = {**result.image_params(i), **extra, **extra_img}
-                    path = save_png(image, opts["outdir"], str(result.seeds[i]), params)
-                    written.append(path)
-                    all_images.append(image)
-                    print(path)
-                seed = (seed + n) % 2 ** 32
-                batch += 1
+                print(f"ldm {args.command}: error: {e}", file=sys.stderr)
+                return 1
+            bar.close()
+            for i, image in enumerate(result.images):
+                params = {**result.image_params(i), **extra, **extra_img}
+                path = save_png(image, opts["outdir"], str(result.seeds[i]), params)
+                written.append(path)
+                all_images.append(image)
+                print(path)
+            seed = (seed + n) % 2 ** 32
+            batch += 1
     if opts["grid"] and all_images:
         from .images import make_grid
 

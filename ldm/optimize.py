@@ -11,10 +11,14 @@ bit for bit. Outputs equal the plain path up to float summation order (~1e-6 rel
 return channels-last tensors, which the following GroupNorm, SiLU, adds and attention reshapes take as they
 are (no transposes; `to(memory_format=...)` is never needed).
 
-While packed, a module's `weight` is a placeholder with the right shape and dtype but no data: the block is
-for inference. Calls the packed weight cannot serve (autograd, or after a `.to()` inside the block) compute
-from its plain copy, but `state_dict()` inside the block would return placeholders. The pipeline enters it for
-the duration of a txt2img/img2img call on CPU.
+While packed, a module's `weight` is a placeholder (`PackedWeight`) with the right shape, dtype and device but
+no data of its own: reading its shape, dtype or device costs nothing, and any other use of it (`state_dict()`,
+arithmetic, `.to()`, an optimizer, `requires_grad_()`) first gives the layer its plain weight back, bit for bit,
+so nothing outside ldm's packed forward can see the placeholder. A call the packed weight cannot serve
+(autograd, another device or dtype) does the same and computes from the plain weight. The pipeline packs for
+the duration of each txt2img/img2img call on CPU; a frozen model (no parameter requires grad, as `ldm.load`
+returns it) keeps its packed weights after the call (`for_inference`), so that only a process's first call
+pays for packing them (SD 1.5, 2 cores: ~2-3 s to pack, ~1.5 s to restore per call, docs/benchmarks.md).
 
 Upsampling (CPU, inside the block): `upsample_conv` computes the nearest x2 upsampling and 3x3 convolution of
 the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the work (SD 1.5 at 512 px: VAE decode
@@ -42,11 +46,13 @@ import ctypes
 import functools
 import platform
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from .winograd import winograd_conv3x3, winograd_weight, workspace
 
@@ -86,6 +92,55 @@ def _placeholder(t: Tensor) -> Tensor:
     return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
+# What a PackedWeight answers from its placeholder: the plain weight's shape, dtype and device (its strides and
+# data are the placeholder's, so every other use restores the layer first).
+_METADATA = frozenset([
+    *(getattr(Tensor, name).__get__ for name in ("shape", "dtype", "device", "layout", "ndim", "requires_grad",
+                                                  "is_leaf", "grad", "is_cuda", "is_cpu", "is_meta", "is_sparse",
+                                                  "is_quantized", "is_mkldnn")),
+    Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex,
+    Tensor.get_device, Tensor.__len__,
+])
+
+
+class PackedWeight(nn.Parameter):
+    """The `weight` of a layer whose weight is packed (`packed_weights`): a placeholder of the plain weight's
+    shape, dtype and device. Any use other than reading those restores the layer's plain weight into this same
+    Parameter object (so optimizers and other holders of it see the values) and then proceeds as on a plain
+    Parameter."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func not in _METADATA:  # restores every packed weight among the arguments (lists included: torch.cat)
+            for t in tree_leaves((args, kwargs)):
+                if type(t) is PackedWeight:
+                    _restore_owner(t)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    def __deepcopy__(self, memo: dict) -> nn.Parameter:
+        """A plain Parameter with the weight's values; the layer stays packed. Its copy gets no packed weight: the
+        packed tensors (which cannot be copied) copy to None, so the copied layer packs its own when it runs. (A
+        module's `_parameters` come before the packed weight in its __dict__, so this runs first.)"""
+        packed = _owner(self).__dict__[PACKED_ATTR]
+        for t in (packed, *_pieces(packed)):
+            memo[id(t)] = None
+        copy = nn.Parameter(_to_dense(packed), self.requires_grad)
+        memo[id(self)] = copy
+        return copy
+
+
+def _owner(w: PackedWeight) -> nn.Module:
+    layer = w.__dict__["_ldm_layer"]()
+    if layer is None:  # the layer is gone, and its packed weight with it: no values to give
+        raise RuntimeError("this weight was packed for inference (ldm.optimize) and its layer no longer exists")
+    return layer
+
+
+def _restore_owner(w: PackedWeight) -> None:
+    _unpack(_owner(w))
+
+
 def _eligible(self: nn.Module, x: Tensor) -> bool:
     """Whether the packed weight can serve this call: CPU inference in the packed dtype, which oneDNN must be able
     to pack (a module cast to fp64 inside the block computes from its plain weight)."""
@@ -102,7 +157,11 @@ def _packed(self: nn.Module, reorder) -> Tensor:
     if packed is None:
         packed = self.__dict__[PACKED_ATTR] = reorder(self.weight.detach())
         # frees the plain weight (unless something else holds it, e.g. a memory-mapped file)
-        self.weight.data = _placeholder(self.weight)
+        w = self.weight
+        w.data = _placeholder(w)
+        w.__dict__["_ldm_class"] = type(w)
+        w.__dict__["_ldm_layer"] = weakref.ref(self)
+        w.__class__ = PackedWeight
     return packed
 
 
@@ -117,11 +176,20 @@ def _to_dense(packed: Tensor | tuple[Tensor, ...]) -> Tensor:
     return torch.cat([p.to_dense() for p in packed], dim=1)
 
 
+def _plain(self: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The plain weight and bias for x: on x's device and in its dtype, or, under autograd, the Parameters
+    themselves. A packed layer gets its plain weight back for good: this call is one the packed weight cannot
+    serve (autograd, another device or dtype)."""
+    if PACKED_ATTR in self.__dict__:
+        _unpack(self)
+    if torch.is_grad_enabled():
+        return self.weight, self.bias
+    return self.weight.to(x.device, x.dtype), _bias(self, x)
+
+
 def _dense(self: nn.Module, x: Tensor) -> Tensor:
-    """The plain weight for a call the packed one cannot serve (autograd, or the module was moved or cast
-    inside the block: `.to()` only sees the placeholder, so the values come from the packed copy)."""
-    packed = self.__dict__[PACKED_ATTR]
-    return (self.weight if packed is None else _to_dense(packed)).to(x.device, x.dtype)
+    """The plain weight of a layer that is not packed (Winograd and upsampling layers), in x's dtype."""
+    return self.weight.detach().to(x.device, x.dtype)
 
 
 def _bias(self: nn.Module, x: Tensor) -> Tensor | None:
@@ -134,7 +202,7 @@ def _conv(conv: nn.Conv2d, x: Tensor, padding: list[int], stride: list[int]) -> 
     if PACKED_ATTR not in conv.__dict__:
         return F.conv2d(x, conv.weight, conv.bias, stride, padding, conv.dilation, conv.groups)
     if not _eligible(conv, x):
-        return F.conv2d(x, _dense(conv, x), _bias(conv, x), stride, padding, conv.dilation, conv.groups)
+        return F.conv2d(x, *_plain(conv, x), stride, padding, conv.dilation, conv.groups)
     if padding == [1, 1] and stride == [1, 1] and _winograd_pays(conv, x):
         return _winograd(conv, x)
     args = padding, stride, list(conv.dilation), conv.groups
@@ -214,7 +282,7 @@ def _packed_conv(self: nn.Conv2d, x: Tensor) -> Tensor:
 
 def _packed_linear(self: nn.Linear, x: Tensor) -> Tensor:
     if not _eligible(self, x):
-        return F.linear(x, _dense(self, x), _bias(self, x))
+        return F.linear(x, *_plain(self, x))
     x2 = x.reshape(-1, x.shape[-1])
     w = _packed(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, x2.shape[0]))
     out = torch.ops.mkldnn._linear_pointwise(x2, w, _bias(self, x), "none", [], "")
@@ -310,27 +378,46 @@ def _pack(m: nn.Module) -> bool:
 
 
 def _unpack(m: nn.Module) -> None:
+    """m back to its plain weight, bit for bit, in the same Parameter object; its own forward again."""
     _drop_derived(m)
-    packed = m.__dict__.pop(PACKED_ATTR)
-    if packed is not None:  # back to a plain layout (bit-exact), in the dtype and on the device the module has now
-        m.weight.data = _to_dense(packed).to(m.weight.device, m.weight.dtype)
+    packed = m.__dict__.pop(PACKED_ATTR)  # first: from here on a use of the weight does not come back here
     del m.forward
+    w = m.weight
+    if type(w) is PackedWeight:  # back to a plain layout, in the weight's dtype and on its device
+        w.__class__ = w.__dict__.pop("_ldm_class")
+        del w.__dict__["_ldm_layer"]
+        w.data = _to_dense(packed).to(w.device, w.dtype)
+
+
+def unpack_weights(model: nn.Module) -> int:
+    """Gives every packed layer of `model` its plain weight back (bit for bit); returns how many were packed.
+    Not needed for correctness (any use of a packed weight does it for its layer), only to free the packed
+    copies' layout for good, e.g. before handing the model to code that reads weights from C++."""
+    layers = [m for m in model.modules() if PACKED_ATTR in m.__dict__]
+    for m in layers:
+        _unpack(m)
+    return len(layers)
 
 
 @contextlib.contextmanager
-def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+def packed_weights(model: nn.Module, enabled: bool = True, keep: bool = False) -> Iterator[int]:
     """Within the block, `model`'s CPU Conv2d/Linear layers (fp32 or bf16) compute from prepacked weights.
 
-    Yields the number of layers packed (0 when disabled, off CPU, or when oneDNN is unavailable). Nested or
-    repeated use is fine: layers already packed are left to the outer block."""
+    Yields the number of layers it marked for packing (0 when disabled, off CPU, when oneDNN is unavailable, or
+    when they are packed already: nested or repeated use is fine, layers already packed are left as they are).
+    Each is packed on its first call. On exit they get their plain weights back, unless `keep`: then they stay
+    packed until their weight is used otherwise (`PackedWeight`) or `unpack_weights`, so that the next block
+    packs nothing. Either way the weights derived for the block (Winograd, upsampling phases) are freed."""
     modules = [m for m in model.modules() if enabled and mkldnn_available() and _pack(m)]
     try:
         yield len(modules)
     finally:
-        for m in modules:
-            _unpack(m)
-        if modules:
-            workspace().release()
+        if not keep:
+            for m in modules:
+                if PACKED_ATTR in m.__dict__:  # not already restored by a use of its weight
+                    _unpack(m)
+        if modules or is_packed(model):
+            release_derived_weights(model)
             trim_heap()
 
 
@@ -380,14 +467,17 @@ def for_inference(sd) -> Iterator[None]:
     UNet packs its own). Not the text encoder: it runs twice per call on 77 tokens, which packing its weights and
     restoring them cost more than it saves (SD 1.5, 2 cores: 0.22 s against 0.13 s plain). Calls inside an outer
     `with for_inference(sd):` block share its packed weights: packing SD 1.5 and restoring it cost ~2 s per call
-    on 2 cores, paid once for all of them (the CLI does this for several batches). Elsewhere nothing:
+    on 2 cores, paid once for all of them. A frozen model (no parameter requires grad: `ldm.load` returns one)
+    keeps them packed after the block (`packed_weights(keep=True)`), so that later calls pack nothing; a model
+    being trained gets its plain weights back after every call. Elsewhere nothing:
     channels-last weights on CUDA were tried and not measurably faster on an H100 (docs/benchmarks.md); the eager
     step there is bound by kernel launches, which `compile_unet` removes."""
     with contextlib.ExitStack() as stack:
         if CPU_PREPACK and sd.device.type == "cpu":
+            keep = not any(p.requires_grad for p in sd.parameters())
             for part in (sd.vae, sd.unet):
                 if not is_compiled(part):
-                    stack.enter_context(packed_weights(part))
+                    stack.enter_context(packed_weights(part, keep=keep))
         yield
 
 
@@ -399,6 +489,7 @@ def compile_unet(unet: nn.Module, mode: str | None = "auto") -> nn.Module:
     default with freezing, which makes the weights constants of the graph, prepacked for oneDNN. Inference
     only: weights changed after the first call are not seen by the compiled graph. The first call per input
     shape compiles (about 70 s on the H100, minutes on 2 CPU cores). Any other `mode` is torch.compile's."""
+    unpack_weights(unet)  # the graph is traced from the plain layers; it packs its own weights on CPU
     cuda = next(unet.parameters()).device.type == "cuda"
     if mode == "auto":
         mode = "reduce-overhead" if cuda else None

@@ -390,7 +390,7 @@ def _prepare(sd: StableDiffusion, cfg: TrainConfig, accelerator) -> tuple[dict, 
     unet.gradient_checkpointing = cfg.model.gradient_checkpointing
     sd.first_stage_model.requires_grad_(False).eval().to(device, frozen_dtype)
     text_encoder.requires_grad_(train_te).train(train_te).to(device, torch.float32 if train_te else frozen_dtype)
-    unet.train().to(device)
+    unet.requires_grad_(True).train().to(device)  # a model from `ldm.load` comes frozen
     sd.to(device)  # the schedule buffers
     ema = EMA(unet, cfg.ema.decay, cfg.ema.warmup, "cpu" if cfg.ema.cpu else None) if cfg.ema.enabled else None
     groups = [{"params": list(unet.parameters()), "lr": o.lr}]

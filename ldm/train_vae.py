@@ -78,7 +78,7 @@ def finetune_decoder(vae: AutoencoderKL, images: Callable[[Sequence[int]], Tenso
     device the VAE is on."""
     torch.manual_seed(seed)
     device = next(vae.parameters()).device
-    vae.train()
+    vae.train().requires_grad_(True)  # a VAE from `ldm.load` comes frozen
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
