@@ -24,7 +24,7 @@ Upsampling (CPU, inside the block): `upsample_conv` computes the nearest x2 upsa
 the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the work (SD 1.5 at 512 px: VAE decode
 -9%, UNet step -2%).
 
-Cheaper convolutions (CPU, fp32, inside the block): 3x3 convolutions of 256 channels or more on inputs of 12
+Cheaper convolutions (CPU, fp32 and bf16, inside the block): 3x3 convolutions of 256 channels or more on inputs of 12
 pixels a side or more, with 2048 output pixels or more per call, take Winograd's F(2x2, 3x3) (`ldm.winograd`),
 4/9 of the multiply-adds, from a transformed weight cached beside the plain one: for SD 1.5 at 512 px with
 guidance, the UNet's 64 x 64 and 32 x 32 levels (0.42 GB), released by `release_derived_weights` when sampling
@@ -61,13 +61,16 @@ UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `ups
 WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x3`, with its bias
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
-# Where fp32 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
+# Where fp32 and bf16 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
 # (docs/benchmarks.md, `tools/bench_conv.py`): inputs of 12 pixels a side or more (smaller ones waste much of their
 # tiles), 256 channels or more in and out (with fewer, the products are too small to outweigh the transforms), and
 # at least 2048 output pixels per call, so that the time saved is worth the cached weight (16/9 the plain one, kept
 # beside it): the UNet's 64 x 64 and 32 x 32 levels with guidance (SD 1.5 at 512 px: 0.42 GB) and the VAE
 # decoder's 512- and 256-channel convolutions (0.30 GB), not the UNet's 16 x 16 level (1.2 GB more for -0.3 s
-# per step) nor its 8 x 8 one.
+# per step) nor its 8 x 8 one. In bf16 (AMD Zen 4, AVX-512 BF16) it takes 0.36-0.68 of oneDNN's direct bf16
+# convolution's time at these shapes, for 2.5-3x its rounding error (~1e-2 of the output's largest value, about one
+# bf16 step; docs/benchmarks.md, session 9).
+WINOGRAD_DTYPES = (torch.float32, torch.bfloat16)
 WINOGRAD_MIN_SIZE = 12
 WINOGRAD_MIN_PIXELS = 2048
 WINOGRAD_MIN_CHANNELS = 256
@@ -240,7 +243,7 @@ def _reorder_conv(w: Tensor, args: tuple, x: Tensor) -> Tensor | tuple[Tensor, .
 
 def _winograd_pays(conv: nn.Conv2d, x: Tensor) -> bool:
     n, _, h, w = x.shape
-    return (x.dtype == torch.float32 and not torch.is_grad_enabled() and _is_3x3_same(conv)
+    return (x.dtype in WINOGRAD_DTYPES and not torch.is_grad_enabled() and _is_3x3_same(conv)
             and min(h, w) >= WINOGRAD_MIN_SIZE and n * h * w >= WINOGRAD_MIN_PIXELS
             and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
