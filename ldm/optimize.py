@@ -191,8 +191,10 @@ def _plain(self: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def _dense(self: nn.Module, x: Tensor) -> Tensor:
-    """The plain weight of a layer that is not packed (Winograd and upsampling layers), in x's dtype."""
-    return self.weight.detach().to(x.device, x.dtype)
+    """The plain weight in x's dtype, to derive a weight from (Winograd, upsampling phases): from the packed copy
+    if the layer holds one (a call at another size packed it), which stays."""
+    packed = self.__dict__.get(PACKED_ATTR)
+    return (self.weight.detach() if packed is None else _to_dense(packed)).to(x.device, x.dtype)
 
 
 def _bias(self: nn.Module, x: Tensor) -> Tensor | None:
@@ -248,10 +250,13 @@ def _winograd_pays(conv: nn.Conv2d, x: Tensor) -> bool:
             and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
 
-def _derived(conv: nn.Conv2d, attr: str, make) -> tuple:
-    """conv's weight derived by `make()`, kept as conv.<attr> until `release_derived_weights`; inside a
-    `single_pass` block made, used and freed."""
+def _derived(conv: nn.Conv2d, attr: str, make, dtype: torch.dtype) -> tuple:
+    """conv's weight derived by `make()` for inputs of `dtype`, kept as conv.<attr> until `release_derived_weights`
+    (or until a call in another dtype, e.g. the pipeline's fp32 retry of a bf16 VAE decode); inside a `single_pass`
+    block made, used and freed."""
     derived = conv.__dict__.get(attr)
+    if derived is not None and derived[0].dtype != dtype:
+        derived = None
     if derived is None:
         derived = make()
         if not getattr(_single_pass, "depth", 0):
@@ -276,7 +281,7 @@ def _winograd(conv: nn.Conv2d, x: Tensor) -> Tensor:
     conv that takes this path keeps its plain weight (nothing is packed for it), so the cache is 16/9 of the weight
     in addition."""
     return winograd_conv3x3(x, *_derived(conv, WINOGRAD_ATTR, lambda: (winograd_weight(_dense(conv, x)),
-                                                                       _bias(conv, x))))
+                                                                       _bias(conv, x)), x.dtype))
 
 
 def _packed_conv(self: nn.Conv2d, x: Tensor) -> Tensor:
@@ -344,15 +349,12 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     n, _, h, w = x.shape
     o = conv.out_channels
     args = [1, 1], [1, 1], [1, 1], 1  # padding, stride, dilation, groups
-    if (packed := conv.__dict__.get(UPSAMPLE_ATTR)) is not None and packed[0].dtype != x.dtype:
-        del conv.__dict__[UPSAMPLE_ATTR]  # made for another dtype
-
     def make():  # from the plain weight, which stays: the summed phase weights do not give it back bit for bit
         bias = _bias(conv, x)
         return (torch.ops.mkldnn._reorder_convolution_weight(upsample_weight(_dense(conv, x)), *args, list(x.shape)),
                 None if bias is None else bias.repeat(4))
 
-    packed = _derived(conv, UPSAMPLE_ATTR, make)
+    packed = _derived(conv, UPSAMPLE_ATTR, make, x.dtype)
     # (N, 4 * O, H + 1, W + 1): with one pixel of zero padding, phase (a, b) of output pixel (i, j) is at (i + a, j + b)
     phases = torch.ops.mkldnn._convolution_pointwise(x, *packed, *args, "none", [], "")
     channels_last = phases.is_contiguous(memory_format=torch.channels_last)

@@ -676,3 +676,35 @@ def test_a_copy_of_a_packed_model_is_plain_and_generates_the_same_images():
     assert all(torch.equal(copied[k], state[k]) for k in state)
     assert torch.equal(twin.txt2img("a red circle", **kwargs).latents, first.latents)
     assert torch.equal(sd.txt2img("a red circle", **kwargs).latents, first.latents)
+
+
+@torch.no_grad()
+def test_a_layer_packed_at_one_size_stays_packed_when_another_size_takes_winograd():
+    """With weights kept between calls, a layer packed for a small image (direct convolution) derives its Winograd
+    weight for a larger one from the packed copy, and stays packed."""
+    conv = nn.Conv2d(256, 256, 3, padding=1).requires_grad_(False)
+    g = torch.Generator().manual_seed(8)
+    small, large = torch.randn(2, 256, 8, 8, generator=g), torch.randn(2, 256, 32, 32, generator=g)
+    ref_small, ref_large = conv(small), conv(large)
+    with optimize.packed_weights(conv, keep=True):
+        assert rel_err(conv(small), ref_small) < 1e-5
+    with optimize.packed_weights(conv, keep=True):
+        assert rel_err(conv(large), ref_large) < 1e-5
+        assert optimize.WINOGRAD_ATTR in conv.__dict__
+        assert type(conv.weight) is optimize.PackedWeight and conv.__dict__[optimize.PACKED_ATTR] is not None
+
+
+@torch.no_grad()
+def test_a_derived_weight_made_for_another_dtype_is_made_again():
+    """The pipeline's fp32 retry of a bf16 VAE decode casts the VAE inside the block: a tiled decode keeps the
+    Winograd weights it made in bf16, which an fp32 call must not use."""
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(9))
+    ref = conv(x)
+    conv.to(torch.bfloat16)
+    with optimize.packed_weights(conv):
+        conv(x.bfloat16())
+        assert conv.__dict__[optimize.WINOGRAD_ATTR][0].dtype == torch.bfloat16
+        conv.float()
+        assert rel_err(conv(x), ref) < 2e-2  # the weight went through bf16; the arithmetic is fp32
+        assert conv.__dict__[optimize.WINOGRAD_ATTR][0].dtype == torch.float32
