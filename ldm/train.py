@@ -283,6 +283,8 @@ def train(cfg: TrainConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         step_scheduler_with_optimizer=False)  # the schedule is per optimizer step, whatever the process count
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if world > 1:
+        _KEPT_UNTIL_EXIT.append(accelerator)  # with its prepared models: see `cmd_train`
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # the same initial weights on every rank; all later randomness is per sample
 
@@ -521,11 +523,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         _leave_process_group()
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"ldm train: error: {e}", file=sys.stderr)
-        return 1
+        return _exit(1)
     _leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {path}")
-    return 0
+    return _exit(0)
+
+
+# A multi-process run's Accelerator, with the DDP models it prepared, kept alive until the process exits. Freeing a
+# DDP model frees its Reducer, whose gloo process group joins its worker threads while holding the GIL; a worker
+# that needs the GIL then (to free a Python tensor) deadlocks it: one rank hung in ~ProcessGroupGloo at the return
+# of `train`, about once in 50 two-process test runs (py-spy stack, session 9). `_exit` ends such a process without
+# freeing anything, after the process group is torn down together and the output flushed.
+_KEPT_UNTIL_EXIT: list = []
+
+
+def _exit(code: int) -> int:
+    if not _KEPT_UNTIL_EXIT:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _leave_process_group() -> None:

@@ -1,13 +1,14 @@
 """Two CPU processes over gloo through `accelerate launch`: the same training as one process with the same global
 batch, one writer (rank 0), identical EMA on every rank, and a bit-exact resume after SIGKILL."""
+import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -44,14 +45,17 @@ def launch(num_processes: int, *args: str, env: dict | None = None) -> subproces
            "--num_machines", "1", "--machine_rank", "0", "--main_process_port", str(free_port()),
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    # its own session, so that a timeout kills the workers too, not just the launcher (a hung rank left behind
-    # would slow every later test)
+    # on a timeout the launcher and its workers are killed: a hung rank left behind would slow every later test,
+    # and holds the output pipes, so that reading them to the end would hang the test (torch's elastic agent starts
+    # each worker in a session of its own, out of reach of the launcher's process group)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                           start_new_session=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
             stdout, stderr = proc.communicate()
             pytest.fail(f"`accelerate launch` timed out after 240 s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
