@@ -54,12 +54,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from .cpu import onednn_supports
 from .winograd import winograd_conv3x3, winograd_weight, workspace
 
 PACKED_ATTR = "_ldm_packed"  # the packed weight; for a conv split by input channels, a tuple of packed pieces
 UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `upsample_conv`, with their bias
 WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x3`, with its bias
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)  # where this CPU's oneDNN supports them (`ldm.cpu.onednn_supports`)
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
 # Where fp32 and bf16 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
 # (docs/benchmarks.md, `tools/bench_conv.py`): inputs of 12 pixels a side or more (smaller ones waste much of their
@@ -87,7 +88,8 @@ _single_pass = threading.local()  # depth: open single_pass blocks in this threa
 
 
 def mkldnn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    """Whether oneDNN's CPU kernels can pack and compute fp32 here (bf16: `ldm.cpu.onednn_supports`)."""
+    return onednn_supports(torch.float32)
 
 
 def _placeholder(t: Tensor) -> Tensor:
@@ -146,11 +148,12 @@ def _restore_owner(w: PackedWeight) -> None:
 
 def _eligible(self: nn.Module, x: Tensor) -> bool:
     """Whether the packed weight can serve this call: CPU inference in the packed dtype, which oneDNN must be able
-    to pack (a module cast to fp64 inside the block computes from its plain weight)."""
+    to pack on this CPU (a module cast to fp64, or to bf16 on a CPU without oneDNN bf16, inside the block computes
+    from its plain weight)."""
     packed = self.__dict__[PACKED_ATTR]
     dtype = self.weight.dtype if packed is None else _pieces(packed)[0].dtype
     return (x.device.type == "cpu" and self.weight.device.type == "cpu" and x.dtype == dtype
-            and dtype in PACKABLE_DTYPES
+            and dtype in PACKABLE_DTYPES and onednn_supports(dtype)
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
@@ -373,7 +376,7 @@ def _pack(m: nn.Module) -> bool:
     if type(m) not in (nn.Conv2d, nn.Linear) or PACKED_ATTR in m.__dict__:
         return False
     w = m.weight
-    if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES:
+    if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or not onednn_supports(w.dtype):
         return False
     if type(m) is nn.Conv2d and not (m.padding_mode == "zeros" and isinstance(m.padding, tuple)):
         return False
@@ -408,8 +411,9 @@ def unpack_weights(model: nn.Module) -> int:
 def packed_weights(model: nn.Module, enabled: bool = True, keep: bool = False) -> Iterator[int]:
     """Within the block, `model`'s CPU Conv2d/Linear layers (fp32 or bf16) compute from prepacked weights.
 
-    Yields the number of layers it marked for packing (0 when disabled, off CPU, when oneDNN is unavailable, or
-    when they are packed already: nested or repeated use is fine, layers already packed are left as they are).
+    Yields the number of layers it marked for packing (0 when disabled, off CPU, when oneDNN is unavailable or
+    cannot compute the layers' dtype on this CPU (`ldm.cpu.onednn_supports`), or when they are packed already:
+    nested or repeated use is fine, layers already packed are left as they are).
     Each is packed on its first call. On exit they get their plain weights back, unless `keep`: then they stay
     packed until their weight is used otherwise (`PackedWeight`) or `unpack_weights`, so that the next block
     packs nothing. Either way the weights derived for the block (Winograd, upsampling phases) are freed."""

@@ -12,6 +12,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `onednn_bf16` exercise ldm's packed bf16 route, which exists only where oneDNN computes bf16
+    (`ldm.cpu.onednn_supports`); elsewhere they skip, naming what the CPU has. Each has a variant that runs on
+    every CPU (the plain bf16 route that such CPUs take)."""
+    from ldm.cpu import cpu_features, onednn_supports
+
+    if onednn_supports(torch.bfloat16):
+        return
+    skip = pytest.mark.skip(reason=f"oneDNN bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; this CPU: "
+                                   f"{cpu_features().describe()}")
+    for item in items:
+        if "onednn_bf16" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from more threads, and on a busy machine OpenMP's spinning threads make a 0.03 s

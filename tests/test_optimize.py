@@ -11,6 +11,7 @@ import ldm
 from ldm import optimize, winograd
 from ldm import vae as vae_module
 from ldm.config import preset
+from ldm.cpu import cpu_features
 from reference import random_model
 
 pytestmark = [
@@ -75,15 +76,75 @@ def test_packed_outputs_match_plain(model):
 
 
 @torch.no_grad()
-def test_packed_bf16_matches_plain_bf16():
+@pytest.mark.parametrize("onednn_bf16", [True, False])
+def test_packed_bf16_matches_plain_bf16(onednn_bf16, monkeypatch):
+    """On every CPU: where oneDNN computes bf16 the block packs and stays within bf16 rounding of the plain path;
+    where it does not (an AVX2-only CPU, or simulated here) the block packs nothing and the outputs are the plain
+    ones, bit for bit."""
+    if not onednn_bf16:
+        monkeypatch.setattr(optimize, "onednn_supports", lambda dtype: dtype == torch.float32)
+    elif not optimize.onednn_supports(torch.bfloat16):
+        pytest.skip(f"oneDNN bf16 is not supported on this CPU ({cpu_features().describe()})")
     sd, _ = random_model(preset("tiny"), seed=4)
     sd.to(torch.bfloat16)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     context = sd.encode_tokens(sd.tokenize(["a cat"]))
     plain = sd.unet(x, torch.tensor([500]), context)
-    with optimize.packed_weights(sd):
+    with optimize.packed_weights(sd) as count:
         packed = sd.unet(x, torch.tensor([500]), context)
-    assert rel_err(packed, plain) < 2e-2  # bf16 has 8 bits of mantissa; a wrong weight gives O(1)
+        layouts = packed_layouts(sd)
+    if onednn_bf16:
+        assert count > 0 and torch._mkldnn in layouts
+        assert rel_err(packed, plain) < 2e-2  # bf16 has 8 bits of mantissa; a wrong weight gives O(1)
+    else:
+        assert count == 0 and layouts == []
+        assert torch.equal(packed, plain)
+
+
+@torch.no_grad()
+def test_a_bf16_layer_computes_from_its_plain_weight_where_onednn_has_no_bf16(monkeypatch):
+    """Every CPU, as on an AVX2-only one: a bf16 layer in a packed block, or one cast to bf16 inside it after
+    packing in fp32, runs PyTorch's plain layer; the fp32 layers are packed as before."""
+    monkeypatch.setattr(optimize, "onednn_supports", lambda dtype: dtype == torch.float32)
+    conv, linear = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 4)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    with optimize.packed_weights(nn.Sequential(conv.to(torch.bfloat16), linear)) as count:
+        assert count == 1  # the fp32 linear layer
+        assert torch.equal(conv(x.bfloat16()), nn.functional.conv2d(x.bfloat16(), conv.weight, conv.bias, padding=1))
+        assert optimize.PACKED_ATTR not in conv.__dict__
+        linear(torch.randn(3, 8))  # packs
+        assert linear.__dict__[optimize.PACKED_ATTR] is not None
+        linear.to(torch.bfloat16)
+        y = torch.randn(3, 8, dtype=torch.bfloat16)
+        assert torch.equal(linear(y), nn.functional.linear(y, linear.weight, linear.bias))
+        assert optimize.PACKED_ATTR not in linear.__dict__
+        up = optimize.upsample_conv(conv, x.bfloat16())
+        assert torch.equal(up, conv(nn.functional.interpolate(x.bfloat16(), scale_factor=2.0, mode="nearest")))
+
+
+def test_the_onednn_probe_turns_an_error_into_false(monkeypatch):
+    """A oneDNN kernel that refuses this CPU ("bf16 path needs the cpu support ...") is caught by the probe, once,
+    and the dtype is then not packed; the real answer agrees with what packing a bf16 weight does here."""
+    real = optimize.onednn_supports(torch.bfloat16)
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=torch.bfloat16), 2)
+        packs = True
+    except RuntimeError:
+        packs = False
+    assert real == packs
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+
+    from ldm import cpu
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight", refuse)
+    cpu.onednn_supports.cache_clear()
+    try:
+        assert not cpu.onednn_supports(torch.bfloat16) and not cpu.onednn_supports(torch.float32)
+    finally:
+        monkeypatch.undo()
+        cpu.onednn_supports.cache_clear()
+    assert cpu.onednn_supports(torch.bfloat16) == real
 
 
 def test_weights_restored_after_an_error_and_autograd_falls_back(model):
@@ -149,6 +210,7 @@ def test_multihead_attention_out_proj_is_left_alone():
 
 
 @torch.no_grad()
+@pytest.mark.onednn_bf16
 def test_cast_inside_the_block_uses_the_packed_values():
     """The pipeline's NaN fallback casts the VAE to fp32 and back inside the block: `.to()` sees only the
     placeholder, so the fp32 call must take its weight from the packed copy, and the exit must restore it."""
@@ -212,6 +274,7 @@ def test_upsample_conv_matches_interpolate_then_conv(n, c, o, h, w, bias, channe
 
 
 @torch.no_grad()
+@pytest.mark.onednn_bf16
 def test_upsample_conv_after_a_cast_inside_the_block():
     """The pipeline's NaN fallback runs a bf16 VAE in fp32 inside the block: the phase weights follow the dtype."""
     conv = nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16)
@@ -311,6 +374,14 @@ def test_packed_conv_takes_winograd_where_it_pays_and_keeps_the_plain_weight():
             assert torch.equal(conv(x.clone().requires_grad_()).detach(), ref)  # autograd: the plain path
     assert rel_err(out, ref) < 1e-5
     assert torch.equal(conv.weight, weight) and optimize.WINOGRAD_ATTR not in conv.__dict__
+
+
+@torch.no_grad()
+@pytest.mark.onednn_bf16
+def test_packed_bf16_conv_takes_winograd_where_it_pays():
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn(2, 256, 32, 32, generator=torch.Generator().manual_seed(0))  # 2048 output pixels
+    ref = conv(x)
     conv.to(torch.bfloat16)
     direct = nn.functional.conv2d(x.bfloat16(), conv.weight, conv.bias, padding=1)
     with optimize.packed_weights(conv):
@@ -695,6 +766,7 @@ def test_a_layer_packed_at_one_size_stays_packed_when_another_size_takes_winogra
 
 
 @torch.no_grad()
+@pytest.mark.onednn_bf16
 def test_a_derived_weight_made_for_another_dtype_is_made_again():
     """The pipeline's fp32 retry of a bf16 VAE decode casts the VAE inside the block: a tiled decode keeps the
     Winograd weights it made in bf16, which an fp32 call must not use."""
