@@ -284,7 +284,7 @@ def train(cfg: TrainConfig) -> Path:
         step_scheduler_with_optimizer=False)  # the schedule is per optimizer step, whatever the process count
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if world > 1:
-        _KEPT_UNTIL_EXIT.append(accelerator)  # with its prepared models: see `cmd_train`
+        _KEPT_UNTIL_EXIT.append(accelerator)  # and the DDP models, in `_prepare`: see `_KEPT_UNTIL_EXIT`
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # the same initial weights on every rank; all later randomness is per sample
 
@@ -405,6 +405,8 @@ def _prepare(sd: StableDiffusion, cfg: TrainConfig, accelerator) -> tuple[dict, 
         ds_config.update(train_micro_batch_size_per_gpu=o.batch_size, gradient_clipping=o.max_grad_norm or 0.0)
     modules = {UNET_PREFIX: unet, **({TEXT_PREFIX: text_encoder} if train_te else {})}
     *prepared, optimizer, scheduler = accelerator.prepare(*modules.values(), optimizer, scheduler)
+    if accelerator.num_processes > 1:
+        _KEPT_UNTIL_EXIT.extend(prepared)  # the DDP wrappers, which hold the process group: see `_KEPT_UNTIL_EXIT`
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         accelerator.register_save_state_pre_hook(_skip_duplicate_weights)
         accelerator.register_load_state_pre_hook(_skip_weight_loading)
@@ -530,11 +532,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _exit(0)
 
 
-# A multi-process run's Accelerator, with the DDP models it prepared, kept alive until the process exits. Freeing a
-# DDP model frees its Reducer, whose gloo process group joins its worker threads while holding the GIL; a worker
-# that needs the GIL then (to free a Python tensor) deadlocks it: one rank hung in ~ProcessGroupGloo at the return
-# of `train`, about once in 50 two-process test runs (py-spy stack, session 9). `_exit` ends such a process without
-# freeing anything, after the process group is torn down together and the output flushed.
+# A multi-process run's Accelerator and the DDP models it prepared, kept alive until the process exits (accelerate
+# itself keeps only the unwrapped models). A DDP model holds the gloo process group, and freeing the last holder
+# destroys the group: ~ProcessGroupGloo joins its worker threads while this thread holds the GIL, and a worker that is
+# freeing a finished collective whose tensors have Python objects (an all_gather of `gather_object`, held by a later
+# barrier) waits for the GIL, so neither moves. py-spy stack of the hung rank, at the return of `train`: MainThread in
+# pybind11 dealloc of c10d::Reducer -> ~ProcessGroupGloo -> std::thread::join; the worker in
+# ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> gil_scoped_acquire.
+# So the group is never freed: `_exit` ends such a process without freeing anything, after the output is flushed.
 _KEPT_UNTIL_EXIT: list = []
 
 
