@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import __version__
 from .config import ModelConfig, load_config, preset
+from .cpu import check_precision
 from .model import SCHEDULE_BUFFERS, StableDiffusion, schedule_buffers
 
 METADATA_CONFIG_KEY = "ldm_config"
@@ -222,7 +223,7 @@ def resolve_config(config: str | Path | ModelConfig | None) -> ModelConfig | Non
 
 def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, vae: str | Path | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prediction: str | None = None,
-         use_ema: bool = False) -> StableDiffusion:
+         use_ema: bool = False, allow_emulated_bf16: bool = False) -> StableDiffusion:
     """Load a single-file SD 1.x/2.x checkpoint (.safetensors, or .ckpt through the restricted unpickler).
 
     config: a preset name (`sd-v1`, `sd-v2`, `sd-v2-base`, ...), a YAML (ldm's or the original inference YAML)
@@ -230,10 +231,14 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
     vae: a separate VAE file, with or without the `first_stage_model.` prefix, replacing the bundled one.
     prediction: "eps" or "v", overriding the config and the probe.
     use_ema: load the `model_ema.*` UNet weights of a full training checkpoint instead of the raw ones.
+    allow_emulated_bf16: load bf16 weights for a CPU without native bf16 arithmetic (AVX-512 BF16 or AMX), which
+        is otherwise refused with a ValueError before anything is read (`ldm.cpu.check_precision`): there bf16 runs
+        emulated, slower than fp32. For tests and measurements.
 
     The model comes back frozen, for inference: eval mode, no parameter requiring grad (so that the pipeline keeps
     its packed CPU weights between calls, `ldm.optimize.for_inference`). Training turns on what it trains.
     """
+    check_precision(dtype, device, allow_emulated_bf16)
     tensors, metadata = read_state_dict(path, dtype=dtype)
     cfg = resolve_config(config)
     if cfg is None:

@@ -92,7 +92,7 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--outdir", default=S, help=f"output folder (default outputs/{'img2img' if img2img else 'txt2img'})")
     p.add_argument("--grid", action="store_true", default=S, help="also save a grid of all images")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=S,
-                   help="auto: fp16 on CUDA, fp32 elsewhere")
+                   help="auto: fp16 on CUDA, fp32 elsewhere; bf16 on CPU needs AVX-512 BF16 or AMX")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=S, help="auto: cuda, mps or cpu")
     p.add_argument("--attention", choices=["sdpa", "xformers", "math"], default=S, help="attention backend")
     p.add_argument("--compile", action="store_true", default=S,
@@ -303,6 +303,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     device = choose_device(opts["device"])
     precision, dtype = choose_dtype(opts["precision"], device)
+    from .cpu import emulated_bf16_reason
+
+    reason = emulated_bf16_reason(dtype, device)
+    if reason is not None:
+        raise UsageError(f"--precision {precision}: {reason}; use --precision fp32")
     try:
         attention.set_backend(opts["attention"], upcast=opts["upcast_attention"])
     except ValueError as e:
@@ -350,12 +355,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # (`ldm.optimize.for_inference`)
     for prompt in opts["prompts"]:
         for _ in range(opts["n_iter"]):
-            bar = tqdm(total=opts["steps"], desc=f"batch {batch + 1}/{total_batches}", unit="it",
-                       disable=quiet, file=sys.stderr, leave=False)
+            # made at the first step, so that a request refused before sampling leaves no bar behind its error
+            bars: list = []
 
-            def progress(step: int, total: int, latents) -> None:
-                bar.total = total
-                bar.update(step - bar.n)
+            def progress(step: int, total: int, latents, desc=f"batch {batch + 1}/{total_batches}") -> None:
+                if not bars:
+                    bars.append(tqdm(total=total, desc=desc, unit="it", disable=quiet, file=sys.stderr, leave=False))
+                bars[0].update(step - bars[0].n)
 
             try:
                 if opts["img2img"]:
@@ -367,10 +373,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     result = txt2img(sd, prompt, seed=seed, callback=progress, **common)
                     extra_img = {}
             except NaNError as e:
-                bar.close()
                 print(f"ldm {args.command}: error: {e}", file=sys.stderr)
                 return 1
-            bar.close()
+            finally:
+                for bar in bars:
+                    bar.close()
             for i, image in enumerate(result.images):
                 params = {**result.image_params(i), **extra, **extra_img}
                 path = save_png(image, opts["outdir"], str(result.seeds[i]), params)

@@ -146,6 +146,8 @@ SCALARS = ("name", "prediction", "image_size", "guidance_interval")  # ModelConf
 
 
 def _build(cls: type, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where}' must be a mapping of its fields, got {values!r}")
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -219,11 +221,11 @@ def read_yaml_mapping(path: str | Path, what: str = "YAML file") -> dict[str, An
 
 def load_config(path: str | Path) -> ModelConfig:
     """Read ldm's own YAML (`preset:` plus overrides, or a full config) or an original CompVis/Stability
-    inference YAML (`model: target: ...LatentDiffusion`)."""
+    inference YAML (`model: target: ...LatentDiffusion`). Anything else is a ValueError naming what is missing."""
     path = Path(path)
     data = read_yaml_mapping(path, "config file")
-    if "model" in data and isinstance(data["model"], dict) and "params" in data["model"]:
-        return from_compvis(data, name=path.stem)
+    if "model" in data:
+        return from_compvis(data, name=path.stem, source=str(path))
     if "preset" in data:
         base = preset(data.pop("preset")).to_dict()
         for key, value in data.items():
@@ -232,38 +234,83 @@ def load_config(path: str | Path) -> ModelConfig:
             else:
                 base[key] = value
         data = base
-    return ModelConfig.from_dict(data)
+    elif "name" not in data:
+        raise ValueError(f"{path} is not an SD model config: it has neither a 'model' section (the layout of "
+                         f"v1-inference.yaml) nor 'preset' or 'name' (ldm's own); its top-level keys are "
+                         f"{sorted(map(str, data))}")
+    try:
+        return ModelConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
-def from_compvis(data: dict[str, Any], name: str = "compvis") -> ModelConfig:
+def _section(data: Any, *keys: str, source: str, within: str = "") -> dict[str, Any]:
+    """data[keys[0]][keys[1]]... as a mapping (`data` being the section `within`), or a ValueError naming the
+    first missing section."""
+    for i, key in enumerate(keys):
+        if not isinstance(data, dict) or not isinstance(data.get(key), dict):
+            where = ".".join([*filter(None, [within]), *keys[:i + 1]])
+            raise ValueError(f"{source} is not an SD inference config: it has no '{where}' section (expected the "
+                             "layout of v1-inference.yaml or v2-inference.yaml)")
+        data = data[key]
+    return data
+
+
+def _field(section: dict[str, Any], key: str, where: str, source: str) -> Any:
+    if key not in section:
+        raise ValueError(f"{source}: the '{where}' section has no '{key}', which an SD inference config sets")
+    return section[key]
+
+
+def from_compvis(data: dict[str, Any], name: str = "compvis", source: str = "config") -> ModelConfig:
     """Map an original `v1-inference.yaml` / `v2-inference(-v).yaml` onto ModelConfig. Only the fields that
-    define the architecture are read; `target:` strings only pick the text encoder kind."""
-    p = data["model"]["params"]
-    u = p["unet_config"]["params"]
+    define the architecture are read; `target:` strings only pick the text encoder kind. A missing section or
+    field, or a value of the wrong type, is a ValueError that names it."""
+    try:
+        return _from_compvis(data, name, source)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(source):
+            raise
+        raise ValueError(f"{source}: not a valid SD inference config: {e}") from None
+
+
+def _from_compvis(data: dict[str, Any], name: str, source: str) -> ModelConfig:
+    p = _section(data, "model", "params", source=source)
+    u = _section(p, "unet_config", "params", source=source, within="model.params")
+    fs = _section(p, "first_stage_config", "params", source=source, within="model.params")
+    dd = _section(fs, "ddconfig", source=source, within="model.params.first_stage_config.params")
+
+    def unet_field(key: str) -> Any:
+        return _field(u, key, "model.params.unet_config.params", source)
+
+    def vae_field(key: str) -> Any:
+        return _field(dd, key, "model.params.first_stage_config.params.ddconfig", source)
+
     unet = UNetConfig(
         in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4),
-        model_channels=u["model_channels"], channel_mult=tuple(u["channel_mult"]),
-        num_res_blocks=u["num_res_blocks"], attention_resolutions=tuple(u["attention_resolutions"]),
+        model_channels=int(unet_field("model_channels")), channel_mult=tuple(unet_field("channel_mult")),
+        num_res_blocks=int(unet_field("num_res_blocks")),
+        attention_resolutions=tuple(unet_field("attention_resolutions")),
         num_heads=u.get("num_heads") if u.get("num_heads", -1) != -1 else None,
         num_head_channels=u.get("num_head_channels") if u.get("num_head_channels", -1) != -1 else None,
-        transformer_depth=u.get("transformer_depth", 1), context_dim=u["context_dim"],
+        transformer_depth=u.get("transformer_depth", 1), context_dim=int(unet_field("context_dim")),
         use_linear_in_transformer=u.get("use_linear_in_transformer", False))
     if unet.num_head_channels is not None:
         unet = dataclasses.replace(unet, num_heads=None)
-    fs = p["first_stage_config"]["params"]
-    dd = fs["ddconfig"]
-    vae = AutoencoderConfig(in_channels=dd["in_channels"], out_ch=dd["out_ch"], ch=dd["ch"],
-                            ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-                            z_channels=dd["z_channels"], embed_dim=fs["embed_dim"],
+    vae = AutoencoderConfig(in_channels=vae_field("in_channels"), out_ch=vae_field("out_ch"), ch=vae_field("ch"),
+                            ch_mult=tuple(vae_field("ch_mult")), num_res_blocks=vae_field("num_res_blocks"),
+                            z_channels=vae_field("z_channels"),
+                            embed_dim=_field(fs, "embed_dim", "model.params.first_stage_config.params", source),
                             scale_factor=float(p.get("scale_factor", 0.18215)))
-    target = str(p["cond_stage_config"].get("target", ""))
+    cond = _section(p, "cond_stage_config", source=source, within="model.params")
+    target = str(cond.get("target", ""))
     if "OpenCLIP" in target:
-        layer = p["cond_stage_config"].get("params", {}).get("layer", "last")
+        layer = (cond.get("params") or {}).get("layer", "last")
         text = dataclasses.replace(SD2_TEXT, layer=layer)
     elif "CLIPEmbedder" in target:
         text = SD1_TEXT
     else:
-        raise ValueError(f"unsupported cond_stage_config target {target!r}: ldm supports the CLIP (SD1) and "
+        raise ValueError(f"{source}: unsupported cond_stage_config target {target!r}: ldm supports the CLIP (SD1) and "
                          "OpenCLIP (SD2) text encoders")
     schedule = ScheduleConfig(num_timesteps=p.get("timesteps", 1000), beta_start=p.get("linear_start", 0.00085),
                               beta_end=p.get("linear_end", 0.012))

@@ -55,16 +55,25 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def fit_init_image(image: Image.Image, width: int | None, height: int | None, multiple: int = 8) -> Image.Image:
-    """img2img sizing: the image's own size rounded down to a multiple of 8 (a crop of at most 7 px at the right
-    and bottom), unless width/height ask for another size, in which case it is resized with Lanczos."""
+def init_image_size(size: tuple[int, int], width: int | None, height: int | None,
+                    multiple: int = 8) -> tuple[int, int]:
+    """img2img sizing of an image of `size` (w, h): its own size rounded down to a multiple of 8 (a crop of at most
+    7 px at the right and bottom), unless width/height ask for another size (the other side keeping the aspect)."""
     if width is None and height is None:
-        w, h = image.width // multiple * multiple, image.height // multiple * multiple
+        w, h = size[0] // multiple * multiple, size[1] // multiple * multiple
         if w == 0 or h == 0:
-            raise ValueError(f"init image is {image.width}x{image.height}; it must be at least {multiple}x{multiple}")
+            raise ValueError(f"init image is {size[0]}x{size[1]}; it must be at least {multiple}x{multiple}")
+        return w, h
+    w = width if width is not None else round(size[0] * height / size[1] / multiple) * multiple
+    h = height if height is not None else round(size[1] * width / size[0] / multiple) * multiple
+    return w, h
+
+
+def fit_init_image(image: Image.Image, width: int | None, height: int | None, multiple: int = 8) -> Image.Image:
+    """The init image at `init_image_size`: cropped when no size is asked for, else resized with Lanczos."""
+    w, h = init_image_size(image.size, width, height, multiple)
+    if width is None and height is None:
         return image.crop((0, 0, w, h)) if (w, h) != image.size else image
-    w = width if width is not None else round(image.width * height / image.height / multiple) * multiple
-    h = height if height is not None else round(image.height * width / image.width / multiple) * multiple
     return image.resize((w, h), Image.Resampling.LANCZOS)
 
 

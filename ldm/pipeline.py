@@ -13,11 +13,14 @@ computes attention a slice of query rows at a time (`ldm.attention`).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ from . import __version__, attention
 from .config import Interval, check_interval
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
-from .images import fit_init_image, from_pil, to_pil
+from .images import fit_init_image, from_pil, init_image_size, to_pil
 from .optimize import for_inference, release_derived_weights, sampling_memory
 from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
                        resolve_sampler, sample)
@@ -62,6 +65,65 @@ def check_size(width: int, height: int, multiple: int = 8) -> None:
         if v < multiple or v % multiple:
             lo = max(multiple, v // multiple * multiple)
             raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {lo} or {lo + multiple}")
+
+
+def machine_memory(device: torch.device) -> int:
+    """Bytes of memory `device` has in all: a GPU's own, or the host's RAM plus swap."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("SwapTotal:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def memory_needed(sd, width: int, height: int, images: int, unet_rows: int, vae_images: int,
+                  tile_size: int | None) -> dict[str, int]:
+    """A lower bound of the bytes a call needs beyond the loaded model, by part: the UNet's largest activation
+    (`unet_rows` latents per call; its input and output at once), the VAE's (a full-resolution ResBlock holds its
+    input, normalised input and output at the first level's width, for `vae_images` images at once, or one tile
+    of `tile_size` pixels) and the `images` decoded (float tensors, then 8-bit pictures)."""
+    from .optimize import largest_activation
+
+    f = sd.config.vae.downsample_factor
+    unet = 2 * largest_activation(sd.unet, unet_rows, height // f, width // f)
+    if tile_size is not None:
+        vae_images, height_vae, width_vae = 1, min(height, tile_size), min(width, tile_size)
+    else:
+        height_vae, width_vae = height, width
+    vae = 3 * vae_images * sd.config.vae.ch * sd.config.vae.ch_mult[0] * height_vae * width_vae * sd.dtype.itemsize
+    pictures = images * 3 * height * width * (4 + 1)
+    return {"UNet": unet, "VAE": vae, "images": pictures}
+
+
+def check_memory(sd, width: int, height: int, images: int, unet_rows: int, vae_images: int,
+                 tile_size: int | None) -> None:
+    """ValueError, before anything is allocated, when the lower bound of `memory_needed` plus the model exceeds all
+    the memory of the model's device, with the estimate and what would lower it."""
+    parts = memory_needed(sd, width, height, images, unet_rows, vae_images, tile_size)
+    model = sum(t.numel() * t.element_size() for t in [*sd.parameters(), *sd.buffers()])
+    have = machine_memory(sd.device)
+    if model + sum(parts.values()) <= have:
+        return
+    largest = max(parts, key=parts.get)
+    fix = {"UNet": "a smaller size", "VAE": "--vae-tiling (vae_tiling=True) or a smaller size",
+           "images": "fewer images per call or a smaller size"}[largest]
+    detail = ", ".join(f"{name} {_gib(n)}" for name, n in parts.items())
+    raise ValueError(f"{width}x{height} x {images} image(s) needs at least {_gib(model + sum(parts.values()))} of "
+                     f"memory (model {_gib(model)}, {detail}) and this {sd.device.type} has {_gib(have)}; use "
+                     f"{fix}")
+
+
+def _check_fits(sd, width: int, height: int, images: int, guidance: float, invariant: bool,
+                memory: MemoryOptions) -> None:
+    rows = (1 if invariant else images) * (1 if guidance == 1.0 else 2)  # as `generate` batches the UNet
+    check_memory(sd, width, height, images, rows, 1 if memory.image_by_image(invariant) else images, memory.tile_size)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
 
 def random_seed() -> int:
@@ -312,6 +374,8 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
     prompts = _as_list(prompt, batch_size)
     negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
+    check_size(width, height, sd.config.vae.downsample_factor)
+    _check_fits(sd, width, height, len(prompts), guidance, invariant, memory)
     with memory.sliced_attention(), for_inference(sd):
         out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                        width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
@@ -346,17 +410,21 @@ def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, str
     interval = model_interval(sd, guidance_interval)
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    invariant = _batch_invariant(sd, batch_invariant)
+    prompts = _as_list(prompt, batch_size)
+    negatives = _negatives(negative_prompt, len(prompts), batch_size)
+    f = sd.config.vae.downsample_factor
     if isinstance(image, Image.Image):
-        image = fit_init_image(image, width, height, sd.config.vae.downsample_factor)
-        pixels = from_pil(image)
+        size = init_image_size(image.size, width, height, f)
+        check_size(*size, f)
+        _check_fits(sd, *size, len(prompts), guidance, invariant, memory)
+        pixels = from_pil(fit_init_image(image, width, height, f))
     else:
         pixels = image[None] if image.ndim == 3 else image
         if pixels.shape[0] != 1:
             raise ValueError(f"img2img takes one init image, got a batch of {pixels.shape[0]}")
+        _check_fits(sd, pixels.shape[-1], pixels.shape[-2], len(prompts), guidance, invariant, memory)
     height, width = pixels.shape[-2:]
-    invariant = _batch_invariant(sd, batch_invariant)
-    prompts = _as_list(prompt, batch_size)
-    negatives = _negatives(negative_prompt, len(prompts), batch_size)
     seeds = _seeds(seed, len(prompts))
     generators = generators_for(seeds)
     with memory.sliced_attention(), for_inference(sd):

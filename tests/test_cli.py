@@ -21,7 +21,9 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import ldm
+from ldm import cpu
 from ldm.cli import main
+from ldm.cpu import ALLOW_EMULATED_BF16_ENV, CPUFeatures
 from ldm.images import parse_infotext
 from reference import random_model
 
@@ -326,6 +328,7 @@ def test_half_precision_vae_nan_decodes_again_in_fp32_with_one_warning(capsys, c
         return out if self.post_quant_conv.weight.dtype == torch.float32 else out * float("nan")
 
     monkeypatch.setattr(AutoencoderKL, "decode", overflowing)
+    monkeypatch.setenv(ALLOW_EMULATED_BF16_ENV, "1")  # on every CPU: bf16 is refused where it is not native
     code, _, stderr = txt2img(capsys, ckpt, tmp_path / "out", "--seed", "1", "--precision", "bf16", "--device", "cpu")
     assert code == 0
     assert stderr.splitlines() == [
@@ -391,6 +394,20 @@ BAD = {  # name: (command, extra args (with {tmp}, {init} substituted), fragment
     "missing config file": ("txt2img", ["--config", "{tmp}/nope.yaml"], ["--config file not found"]),
     "unknown preset": ("txt2img", ["--config", "sd-v9"], ["unknown preset 'sd-v9'"]),
     "missing vae file": ("txt2img", ["--vae", "{tmp}/nope.safetensors"], ["--vae file not found"]),
+    "config is a training config": ("txt2img", ["--config", "{tmp}/train.yaml"],
+                                    ["train.yaml is not an SD inference config", "no 'model.params' section"]),
+    "config without a unet section": ("txt2img", ["--config", "{tmp}/no-unet.yaml"],
+                                      ["no-unet.yaml", "no 'model.params.unet_config' section"]),
+    "config without a unet field": ("txt2img", ["--config", "{tmp}/no-channels.yaml"],
+                                    ["'model.params.unet_config.params' section has no 'model_channels'"]),
+    "config of another layout": ("txt2img", ["--config", "{tmp}/other.yaml"],
+                                 ["other.yaml is not an SD model config", "['epochs', 'lr']"]),
+    "size beyond the machine's memory": ("txt2img", ["--W", "65536", "--H", "65536"],
+                                         ["65536x65536", "needs at least", "GiB of memory", "this cpu has"]),
+    "batch beyond the machine's memory": ("txt2img", ["--W", "8192", "--H", "8192", "--n-samples", "400"],
+                                          ["8192x8192 x 400 image(s)", "fewer images per call"]),
+    "img2img size beyond the machine's memory": ("img2img", ["--init-img", "{init}", "--W", "65536", "--H", "65536"],
+                                                 ["65536x65536", "needs at least"]),
 }
 
 
@@ -404,6 +421,11 @@ def bad_files(tmp_path) -> Path:
     _truncated_safetensors(d / "cut.safetensors")
     _png_without_metadata(d / "plain.png")
     Image.new("RGB", (5, 5)).save(d / "speck.png")
+    (d / "train.yaml").write_text("run_dir: runs/x\nmodel:\n  preset: tiny\ntrain:\n  max_steps: 10\n")
+    (d / "no-unet.yaml").write_text("model:\n  params:\n    first_stage_config: {}\n")
+    (d / "no-channels.yaml").write_text("model:\n  params:\n    unet_config:\n      params: {in_channels: 4}\n"
+                                        "    first_stage_config:\n      params: {embed_dim: 4, ddconfig: {}}\n")
+    (d / "other.yaml").write_text("lr: 0.1\nepochs: 3\n")
     whole = d / "whole.png"
     Image.new("RGB", (64, 64), (10, 200, 30)).save(whole)
     (d / "cut.png").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
@@ -482,6 +504,27 @@ def test_bad_input_exits_2_with_one_line_and_no_file(capsys, ckpt, tmp_path, bad
         assert fragment in stderr, (fragment, stderr)
     after = sorted(p for p in tmp_path.rglob("*") if "cache" not in p.parts)
     assert [p for p in after if p not in before and not p.is_dir()] == []  # no file written anywhere
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_before_loading(capsys, ckpt, tmp_path, monkeypatch):
+    """As on a 2-core AMD EPYC with AVX2 only (where oneDNN's bf16 kernels also raise): one line naming what the CPU
+    lacks and the fix, exit code 2, the checkpoint never read; on a CPU with AVX-512 BF16 bf16 runs."""
+    monkeypatch.delenv(ALLOW_EMULATED_BF16_ENV, raising=False)
+    monkeypatch.setattr(cpu, "cpu_features", lambda: CPUFeatures("AVX2", avx512_bf16=False, amx=False))
+    monkeypatch.setattr(ldm.checkpoint, "read_state_dict", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    out = tmp_path / "out"
+    code, stdout, stderr = txt2img(capsys, ckpt, out, "--precision", "bf16")
+    assert code == 2 and stdout == "" and not out.exists()
+    assert stderr.splitlines() == ["ldm txt2img: error: --precision bf16: this CPU (AVX2) has no native bf16 "
+                                   "arithmetic (AVX-512 BF16 or AMX), so bf16 would run emulated and slower than "
+                                   "fp32; use --precision fp32"]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ALLOW_EMULATED_BF16_ENV, raising=False)
+    monkeypatch.setattr(cpu, "cpu_features", lambda: CPUFeatures("AVX512", avx512_bf16=True, amx=False))
+    code, _, stderr = txt2img(capsys, ckpt, out, "--precision", "bf16", "--seed", "2")
+    assert code == 0, stderr
+    assert ldm_params(pngs(out)[0])["precision"] == "bf16"
 
 
 def test_bad_input_end_to_end_in_a_subprocess(ckpt, tmp_path):
