@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import shutil
 import sys
@@ -221,6 +222,9 @@ def check_numbers(o: dict[str, Any]) -> None:
     for key, low in (("steps", 1), ("n_samples", 1), ("n_iter", 1), ("clip_skip", 1)):
         if o[key] < low:
             raise UsageError(f"--{key.replace('_', '-')} must be at least {low}, got {o[key]}")
+    for key in ("scale", "eta", "strength"):
+        if o[key] is not None and not math.isfinite(o[key]):
+            raise UsageError(f"--{key} must be a finite number, got {o[key]}")
     if o["scale"] < 0:
         raise UsageError(f"--scale must be >= 0, got {o['scale']}")
     if o["seed"] is not None and not 0 <= o["seed"] < 2 ** 32:

@@ -121,8 +121,10 @@ class StableDiffusion(nn.Module):
     @torch.no_grad()
     def encode_tokens(self, ids: Tensor, clip_skip: int = 1) -> Tensor:
         """Token ids (B, 77) -> conditioning (B, 77, D)."""
-        if clip_skip < 1:
-            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+        deepest = self.config.text.layers - (1 if self.config.text.layer == "penultimate" else 0)
+        if not 1 <= clip_skip <= deepest:
+            raise ValueError(f"clip_skip must be in [1, {deepest}] for this text encoder ({self.config.text.layers} "
+                             f"layers), got {clip_skip}")
         return self.cond_stage_model(ids.to(self.device), clip_skip=clip_skip)
 
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> Tensor:

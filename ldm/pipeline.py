@@ -279,8 +279,10 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
     instead of repeating the draws already used."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if guidance < 0:
-        raise ValueError(f"guidance scale must be >= 0, got {guidance}")
+    if not guidance >= 0 or guidance == float("inf"):
+        raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance}")
+    if eta is not None and not 0 <= eta < float("inf"):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if init_latents is not None and int(strength * steps) < 1:
         raise ValueError(f"strength {strength} with {steps} steps runs no step (int(strength * steps) = 0); "
                          "raise the strength or the number of steps")

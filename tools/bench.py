@@ -279,6 +279,14 @@ def skip_reason(name: str, device: str) -> str | None:
     v = VARIANTS[name]
     if device not in v.devices:
         return f"{name}: skipped, it runs on {' and '.join(v.devices)} only"
+    if device == "cpu" and v.dtype == "bf16":
+        import torch
+
+        from ldm.cpu import emulated_bf16_reason
+
+        reason = emulated_bf16_reason(torch.bfloat16, "cpu")
+        if reason is not None:  # ldm refuses it (`ldm.cpu.check_precision`): nothing a user would run
+            return f"{name}: skipped, {reason} (LDM_ALLOW_EMULATED_BF16=1 times it anyway)"
     if v.optimize is not None:
         try:
             module = importlib.import_module("ldm.optimize")
@@ -619,7 +627,11 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
               f"{load_before} before and {load_average()} after\n"
               + "".join(f"- {note}\n" for note in notes)
               + f"\n{txt2img_tables(results, pairs, cuda)}\n" + ("\n" + "\n".join(goals) + "\n" if goals else ""))
-    publish(f"txt2img-{args.device}", report, args.write)
+    # one section per kind of CPU (PyTorch's capability: AVX2, AVX512, ...), so that machines do not overwrite each other
+    from ldm.cpu import cpu_features
+
+    section = "txt2img-cuda" if cuda else f"txt2img-cpu-{cpu_features().capability.lower()}"
+    publish(section, report, args.write)
     return 0
 
 

@@ -90,8 +90,11 @@ def hardware() -> str:
         model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
     except (OSError, AttributeError):
         model = platform.processor() or "unknown CPU"
+    from ldm.cpu import cpu_features
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+    return (f"{model} (PyTorch CPU capability {cpu_features().describe()}), {os.cpu_count()} cores, {mem:.0f} GiB "
+            f"RAM, {platform.system()} {platform.release()}")
 
 
 def versions() -> str:
