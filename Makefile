@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 run: install
 	$(VENV)/bin/ldm txt2img "large red circle on the left, blue background" --outdir outputs
 
-# Retrain the bundled model checkpoints/ldm-demo-shapes.safetensors from scratch (~55 min on 2 CPU cores; see
+# Retrain the bundled model ldm/demo/ldm-demo-shapes.safetensors from scratch (~55 min on 2 CPU cores; see
 # tools/train_demo.py). Intermediate files go to runs/demo-shapes.
 demo-model: install
 	$(PY) tools/train_demo.py

@@ -4,11 +4,38 @@
     context = sd.encode_prompt(["a photo of a cat"])      # (1, 77, 768)
     eps = sd.unet(latents, timesteps, context)             # (B, 4, H/8, W/8)
     images = sd.vae.decode(latents / sd.scale_factor)      # (B, 3, H, W) in [-1, 1]
+
+`import ldm` imports nothing heavy: the names below load their module (and torch) on first use, so that the
+command line answers `ldm --help` and argument errors without importing torch.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError, load, save  # noqa: E402
-from .config import PRESETS, ModelConfig, load_config, preset  # noqa: E402
-from .model import StableDiffusion  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "CheckpointError": "ldm.checkpoint", "load": "ldm.checkpoint", "save": "ldm.checkpoint",
+    "PRESETS": "ldm.config", "ModelConfig": "ldm.config", "load_config": "ldm.config", "preset": "ldm.config",
+    "StableDiffusion": "ldm.model",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "load", "load_config", "preset", "save"]
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError, load, save
+    from .config import PRESETS, ModelConfig, load_config, preset
+    from .model import StableDiffusion
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ldm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .demo import DEMO_CHECKPOINT
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "ldm-demo-shapes.safetensors"
+# Commands defined in modules of their own, imported only when one of them is asked for (they import torch and the
+# training code): name -> (module, the line `ldm --help` shows).
+MODULE_COMMANDS = {
+    "train": ("ldm.train", "train or fine-tune a model (accelerate launch -m ldm.train for many GPUs)"),
+    "cache-latents": ("ldm.latents_cache", "encode a training set once with the VAE (latents cache)"),
+    "export": ("ldm.export", "write a training run's checkpoint as a single-file model"),
+}
 
 # Defaults of the generation flags. They are applied last, after the values stored in a --from-png image, so
 # that flags given on the command line override the stored ones, and the stored ones override these.
@@ -118,7 +125,9 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
                        help="how much to change the image, in (0, 1]; 1 ignores it (default 0.75)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `ldm` parser. Of the commands in MODULE_COMMANDS only `command`'s module is imported and adds its own
+    arguments; the others appear in the help by name."""
     parser = argparse.ArgumentParser(
         prog="ldm", description="ldm: Stable Diffusion 1.x/2.x from scratch.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -136,13 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", default=None, help="preset name or inference YAML (default: detect)")
     info.add_argument("--prediction", choices=["eps", "v"], default=None, help="override eps/v detection")
     info.set_defaults(func=cmd_info)
-    for module in ("ldm.train", "ldm.latents_cache", "ldm.export"):  # optional subcommands, each in its own module
+    for name, (module, summary) in MODULE_COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=summary)
+            continue
         try:
             importlib.import_module(module).add_subcommand(sub)
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
     return parser
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command a command line asks for: its first word that is not an option (ldm's own options take no
+    value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 # --- txt2img / img2img ---------------------------------------------------------------------------------------
@@ -427,12 +445,10 @@ def run_standalone(command: str, add_subcommand, argv: list[str] | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     try:
         with warnings.catch_warnings():
@@ -440,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = lambda message, *_, **__: print(f"ldm {args.command}: warning: {message}",
                                                                    file=sys.stderr)
             return args.func(args)
-    except (UsageError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. a file it may not read
+    except (UsageError, OSError, ValueError) as e:  # OSError: e.g. an unreadable file; CheckpointError is a ValueError
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

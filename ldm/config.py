@@ -182,7 +182,7 @@ PRESETS: dict[str, ModelConfig] = {
         text=dataclasses.replace(TINY_TEXT, kind="open-clip", activation="gelu", layers=3, layer="penultimate",
                                  pad_token=0),
         prediction="v", image_size=64),
-    # The bundled demo model (checkpoints/ldm-demo-shapes.safetensors, `make demo-model`): an f=4 VAE (64 px ->
+    # The bundled demo model (ldm/demo/ldm-demo-shapes.safetensors, `make demo-model`): an f=4 VAE (64 px ->
     # 16x16x4 latents, so a 16 px shape spans 4x4 latent pixels), a UNet with attention at 8x8 and 4x4 only (at
     # 16x16 it costs 60% more per step), and the tiny text encoder. scale_factor is measured on the trained VAE
     # by tools/train_demo.py and stored in the checkpoint's config. Guided only above σ = 1: guidance at low

@@ -67,7 +67,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="write a training run's checkpoint as a single-file model",
+    from .cli import MODULE_COMMANDS
+
+    p = subparsers.add_parser("export", help=MODULE_COMMANDS["export"][1],
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="the training run directory (run_dir of the training config)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of the UNet (default: the raw weights)")

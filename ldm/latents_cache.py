@@ -218,7 +218,9 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("cache-latents", help="encode a training set once with the VAE (latents cache)",
+    from .cli import MODULE_COMMANDS
+
+    p = subparsers.add_parser("cache-latents", help=MODULE_COMMANDS["cache-latents"][1],
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="training YAML: its model and data sections say what to encode")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")

@@ -562,7 +562,9 @@ def _leave_process_group() -> None:
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train", help="train or fine-tune a model (accelerate launch -m ldm.train for many GPUs)",
+    from .cli import MODULE_COMMANDS
+
+    p = subparsers.add_parser("train", help=MODULE_COMMANDS["train"][1],
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=cmd_train)

@@ -1,4 +1,4 @@
-"""The bundled demo model (checkpoints/ldm-demo-shapes.safetensors, `make demo-model`): it loads, draws what the
+"""The bundled demo model (ldm/demo/ldm-demo-shapes.safetensors, `make demo-model`): it loads, draws what the
 prompt says (as far as the shapes classifier can read it), and survives a save/load round trip bit for bit."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import ldm
 from ldm.checkpoint import METADATA_CONFIG_KEY, read_state_dict
-from ldm.cli import DEMO_CHECKPOINT
+from ldm.demo import DEMO_CHECKPOINT
 from ldm.data.shapes import ShapeSpec
 from ldm.shapes_eval import classify
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 import ldm
 from ldm import attention
-from ldm.cli import DEMO_CHECKPOINT, main
+from ldm.cli import main
+from ldm.demo import DEMO_CHECKPOINT
 from ldm.data.shapes import ShapeSpec, render
 from ldm.images import from_pil
 from ldm.pipeline import txt2img

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing ldm
 from ldm.data.shapes import ShapeSpec, render, sample_jitter  # noqa: E402
 from ldm.shapes_eval import Generate, eval_specs, evaluate, make_grid, report_table, score  # noqa: E402
 
-DEMO_CHECKPOINT = ROOT / "checkpoints" / "ldm-demo-shapes.safetensors"  # the model `make run` uses (ldm.cli)
+DEMO_CHECKPOINT = ROOT / "ldm" / "demo" / "ldm-demo-shapes.safetensors"  # the model `make run` uses (ldm.demo)
 
 
 def dataset_generator(image_size: int) -> Generate:

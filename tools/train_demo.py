@@ -16,7 +16,7 @@ The recipe, every stage seeded, each one's output in --run-dir (default runs/dem
 4. latents/  `ldm cache-latents --text`: VAE posteriors and the frozen text embeddings of every image, so the
              UNet stage runs the UNet alone.
 5. unet/     `ldm train configs/train/demo-shapes.yaml`, the same loop as any fine-tune.
-6. --out     `ldm export --ema`, written atomically (default checkpoints/ldm-demo-shapes.safetensors).
+6. --out     `ldm export --ema`, written atomically (default ldm/demo/ldm-demo-shapes.safetensors).
 
 The text encoder stays frozen at its seeded init. The captions are a closed 27-word grammar; a random CLIP
 transformer still gives each (word, position) a distinct embedding, and the UNet's cross-attention learns to read
@@ -50,7 +50,7 @@ from ldm.model import StableDiffusion  # noqa: E402
 from ldm.train_vae import finetune_decoder, latent_scale, train_vae  # noqa: E402
 
 CONFIG = ROOT / "configs" / "train" / "demo-shapes.yaml"
-OUT = ROOT / "checkpoints" / "ldm-demo-shapes.safetensors"
+OUT = ROOT / "ldm" / "demo" / "ldm-demo-shapes.safetensors"
 PRESET = "demo-shapes"
 SEED = 0
 THREADS = 2                 # fixed, so that float reductions (and the file) are the same on every run
