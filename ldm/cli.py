@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__
 from .demo import DEMO_CHECKPOINT
+from .sampler_names import ETA_SAMPLERS, NAMES, infotext_name, resolve_sampler
 
 # Commands defined in modules of their own, imported only when one of them is asked for (they import torch and the
 # training code): name -> (module, the line `ldm --help` shows).
@@ -81,9 +82,8 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--config", default=S, help="preset name or inference YAML (default: detected)")
     p.add_argument("--vae", default=S, help="a separate VAE file to use instead of the checkpoint's")
     p.add_argument("--steps", type=int, default=S, help=f"sampling steps (default {GEN_DEFAULTS['steps']})")
-    p.add_argument("--sampler", default=S, help="ddim, plms, euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, "
-                   "dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, ddpm, or an A1111 name such as "
-                   "'DPM++ 2M Karras' (default dpmpp_2m)")
+    p.add_argument("--sampler", default=S, help=f"{', '.join(NAMES)}, or an A1111 name such as "
+                   f"'{infotext_name('dpmpp_2m', 'karras')}' (default {GEN_DEFAULTS['sampler']})")
     p.add_argument("--schedule", choices=["discrete", "karras", "exponential"], default=S,
                    help="sigma schedule (default karras; ddim/plms/ddpm use discrete)")
     p.add_argument("--scale", "--cfg", dest="scale", type=float, default=S,
@@ -91,7 +91,8 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--guidance-interval", dest="guidance_interval", nargs=2, metavar=("LO", "HI"), default=S,
                    help="guide only at noise levels LO < sigma <= HI (HI may be inf); '0 inf' guides every step. "
                         "Default: the model's own (the demo model: 1 inf; SD: every step)")
-    p.add_argument("--eta", type=float, default=S, help="noise of ddim and the ancestral/SDE samplers")
+    p.add_argument("--eta", type=float, default=S,
+                   help=f"noise scale of {', '.join(n for n in NAMES if n in ETA_SAMPLERS)}")
     p.add_argument("--seed", type=int, default=S, help="seed of the first image; image i uses seed + i (default random)")
     p.add_argument("--W", "--width", dest="width", type=int, default=S, help="width in pixels, a multiple of 8")
     p.add_argument("--H", "--height", dest="height", type=int, default=S, help="height in pixels, a multiple of 8")
@@ -197,8 +198,6 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         prompts = [prompt]
     opts["prompts"] = prompts
     check_numbers(opts)
-    from .samplers import resolve_sampler
-
     try:
         resolve_sampler(opts["sampler"])
     except ValueError as e:

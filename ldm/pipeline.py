@@ -33,8 +33,8 @@ from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, init_image_size, to_pil
 from .optimize import for_inference, release_derived_weights, sampling_memory
-from .samplers import (DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, display_name, generators_for, randn,
-                       resolve_sampler, sample)
+from .sampler_names import DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, infotext_name, resolve_sampler
+from .samplers import generators_for, randn, sample
 from .schedules import alphas_cumprod_for
 from .tiling import DEFAULT_TILE_SIZE, check_tile_size
 
@@ -321,9 +321,8 @@ def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, gu
             guidance_interval: Interval | None, extra: dict[str, Any]) -> dict[str, Any]:
     name, _ = resolve_sampler(sampler)
     schedule = resolve_schedule(sampler, schedule)
-    display = {"karras": " Karras", "exponential": " Exponential"}.get(schedule, "")
     return {
-        "mode": mode, "sampler": name, "schedule": schedule, "sampler_display": display_name(name) + display,
+        "mode": mode, "sampler": name, "schedule": schedule, "sampler_display": infotext_name(name, schedule),
         "steps": steps, "guidance": guidance, "width": width, "height": height,
         "negative_prompt": negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt),
         "clip_skip": clip_skip, "eta": eta, "guidance_rescale": guidance_rescale,

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from ldm.denoisers import Denoiser
+from ldm.sampler_names import (ALIASES, DISCRETE_SAMPLERS, DISPLAY_NAMES, ETA_SAMPLERS, NAMES,  # noqa: F401 (API)
+                               STOCHASTIC_SAMPLERS, display_name, infotext_name, resolve_sampler)
 from ldm.schedules import SigmaSchedule, Spacing, make_sigmas, start_index
 
 Callback = Callable[[dict], None]
@@ -463,6 +465,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
 
 # --- registry, names and the convenience entry point ------------------------------------------------------
 
+# each name of ldm.sampler_names.TABLE (which says what the sampler takes) -> its function, in the table's order
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm, "ddim": sample_ddim, "plms": sample_plms,
     "euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_heun,
@@ -470,56 +473,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2s_a": sample_dpmpp_2s_a, "dpmpp_sde": sample_dpmpp_sde, "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde,
 }
-DISCRETE_SAMPLERS = frozenset({"ddpm", "ddim", "plms"})   # CompVis/diffusers conventions: "leading" grid, VP start
-ETA_SAMPLERS = frozenset({"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"})
-STOCHASTIC_SAMPLERS = ETA_SAMPLERS | {"ddpm"}              # the ones that take `generators`
-
-# A1111 display names; the k-samplers also accept " Karras" and " Exponential" suffixes.
-DISPLAY_NAMES = {
-    "DDPM": "ddpm", "DDIM": "ddim", "PLMS": "plms", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun",
-    "DPM2": "dpm2", "DPM2 a": "dpm2_a", "LMS": "lms", "DPM++ 2S a": "dpmpp_2s_a", "DPM++ SDE": "dpmpp_sde",
-    "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde", "DPM++ 3M SDE": "dpmpp_3m_sde",
-}
-# k-diffusion function names (`sample_<name>`).
-_KDIFFUSION_NAMES = {"euler_ancestral": "euler_a", "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a",
-                     "dpmpp_2s_ancestral": "dpmpp_2s_a"}
-
-
-def _build_aliases() -> dict[str, tuple[str, str | None]]:
-    table: dict[str, tuple[str, str | None]] = {name: (name, None) for name in SAMPLERS}
-    table.update({alias: (name, None) for alias, name in _KDIFFUSION_NAMES.items()})
-    for display, name in DISPLAY_NAMES.items():
-        table[display] = (name, None)
-        if name not in DISCRETE_SAMPLERS:
-            table[f"{display} Karras"] = (name, "karras")
-            table[f"{display} Exponential"] = (name, "exponential")
-    return table
-
-
-ALIASES: dict[str, tuple[str, str | None]] = _build_aliases()
-
-
-def display_name(name: str) -> str:
-    """The A1111 display name of a canonical sampler name ("dpmpp_2m" -> "DPM++ 2M")."""
-    return {v: k for k, v in DISPLAY_NAMES.items()}.get(name, name)
-
-
-def _normalize(name: str) -> str:
-    return " ".join(name.lower().replace("_", " ").split())
-
-
-_LOOKUP = {_normalize(alias): target for alias, target in ALIASES.items()}
-
-
-def resolve_sampler(name: str) -> tuple[str, str | None]:
-    """(canonical sampler name, σ schedule or None) for a canonical name, a k-diffusion name or an A1111 display
-    name such as "DPM++ 2M Karras" -> ("dpmpp_2m", "karras"). Case and `_`/space are ignored."""
-    try:
-        return _LOOKUP[_normalize(name)]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} (A1111 names such as "
-                         f"{', '.join(repr(n) for n in DISPLAY_NAMES)}, with ' Karras' or ' Exponential' "
-                         "for the k-samplers, are accepted too)") from None
 
 
 def sample(denoiser: Denoiser, noise: Tensor, *, sampler: str = "euler_a", steps: int = 20,

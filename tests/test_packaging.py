@@ -43,6 +43,7 @@ print('ldm.train' in sys.modules, 'ldm.data' in sys.modules)
     (["txt2img", "--help"], 0, ["--negative-prompt", "--precision"]),
     (["txt2img", "a cat", "--W", "100"], 2, ["--width 100 is not a multiple of 8"]),
     (["txt2img", "a cat", "--sampler"], 2, ["expected one argument"]),
+    (["txt2img", "a cat", "--sampler", "UniPC"], 2, ["unknown sampler 'UniPC'", "dpmpp_3m_sde", "'DPM++ 2M'"]),
     (["nope"], 2, ["invalid choice: 'nope'"]),
 ])
 def test_help_and_argument_errors_import_no_torch(argv, code, shown):

@@ -6,6 +6,7 @@ ODE dx/dσ = (x - D) / σ has the solution x(σ) = μ + (x(σ') - μ) sqrt(s² +
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -296,6 +297,40 @@ def test_every_alias_resolves_and_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="dpmpp_2m_sde") as info:
         resolve_sampler("UniPC")
     assert "unknown sampler 'UniPC'" in str(info.value)
+
+
+def test_one_table_names_every_sampler_and_what_it_takes():
+    """ldm.sampler_names.TABLE is the one registry: the functions come in its order, the sets are its flags, and the
+    name an image's infotext records for each sampler and schedule reads back as the same sampler and schedule."""
+    from ldm.sampler_names import TABLE, infotext_name
+
+    assert tuple(SAMPLERS) == tuple(s.name for s in TABLE)
+    assert DISCRETE_SAMPLERS == {"ddpm", "ddim", "plms"}
+    assert ETA_SAMPLERS == {s.name for s in TABLE if s.eta} and "ddpm" not in ETA_SAMPLERS
+    for s in TABLE:  # a stochastic sampler is one whose function takes the per-image generators
+        assert ("generators" in inspect.signature(SAMPLERS[s.name]).parameters) == s.stochastic, s.name
+        assert ("eta" in inspect.signature(SAMPLERS[s.name]).parameters) == s.eta, s.name
+        for schedule in (None, "discrete", "karras", "exponential"):
+            carried = None if s.discrete or schedule in (None, "discrete") else schedule
+            assert resolve_sampler(infotext_name(s.name, schedule)) == (s.name, carried)
+    assert infotext_name("dpmpp_2m", "karras") == "DPM++ 2M Karras" and infotext_name("ddim", "karras") == "DDIM"
+
+
+def test_the_cli_help_lists_the_tables_samplers():
+    import argparse
+    import contextlib
+    import io
+
+    from ldm.cli import GEN_DEFAULTS, build_parser
+    from ldm.sampler_names import NAMES
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        build_parser("txt2img").parse_args(["txt2img", "--help"])
+    text = " ".join(out.getvalue().split())
+    assert ", ".join(NAMES) in text and f"(default {GEN_DEFAULTS['sampler']})" in text
+    assert "noise scale of " + ", ".join(n for n in NAMES if n in ETA_SAMPLERS) in text
+    assert isinstance(build_parser(), argparse.ArgumentParser)
 
 
 # --- denoiser adapters ------------------------------------------------------------------------------------
