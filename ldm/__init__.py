@@ -21,7 +21,7 @@ _EXPORTS = {
     "PRESETS": "ldm.config", "ModelConfig": "ldm.config", "load_config": "ldm.config", "preset": "ldm.config",
     "StableDiffusion": "ldm.model",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "load", "load_config", "preset", "save"]
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointError, load, save

@@ -22,12 +22,14 @@ The memory peak is about one input and one output activation of one op (plus one
 untiled forward holds several full-size temporaries (x, norm(x), silu(norm(x)), the conv output, ...).
 
 `tile_size` is in image pixels: at a level of resolution 1/s the tiles are tile_size // s tensor pixels wide.
+
+The functions take `ldm.vae`'s modules (AutoencoderKL, ResnetBlock, Upsample, Downsample), typed as nn.Module here:
+the VAE calls into this module, not the other way round.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,6 @@ from torch import Tensor, nn
 
 from . import attention, optimize
 
-if TYPE_CHECKING:
-    from .vae import AutoencoderKL, Downsample, ResnetBlock, Upsample
 
 DEFAULT_TILE_SIZE = 512  # image pixels per tile side
 
@@ -124,7 +124,7 @@ def conv_tiled(conv: nn.Conv2d, load: Load, in_size: tuple[int, int], out: Tenso
     return out
 
 
-def resnet_block(block: ResnetBlock, x: Tensor, tile: int) -> Tensor:
+def resnet_block(block: nn.Module, x: Tensor, tile: int) -> Tensor:
     """block(x) computed in tiles. The result is written into x's storage where it fits (x is consumed), so that
     the block holds two activations at a time: x and h = conv1(silu(norm1(x)))."""
     b, c_in, height, width = x.shape
@@ -141,7 +141,7 @@ def resnet_block(block: ResnetBlock, x: Tensor, tile: int) -> Tensor:
     return conv_tiled(block.conv2, _norm_silu(block.norm2, h, tile), (height, width), out, tile, accumulate=True)
 
 
-def upsample(up: Upsample, x: Tensor, tile: int) -> Tensor:
+def upsample(up: nn.Module, x: Tensor, tile: int) -> Tensor:
     """up(x) = conv(nearest x2 upsampling of x) in tiles of the (2H, 2W) output; `tile` is in output pixels."""
     b, c, height, width = x.shape
 
@@ -152,7 +152,7 @@ def upsample(up: Upsample, x: Tensor, tile: int) -> Tensor:
     return conv_tiled(up.conv, load, (2 * height, 2 * width), x.new_empty(b, c, 2 * height, 2 * width), tile)
 
 
-def downsample(down: Downsample, x: Tensor, tile: int) -> Tensor:
+def downsample(down: nn.Module, x: Tensor, tile: int) -> Tensor:
     """down(x): the stride-2 conv padded at the right and bottom only (as `vae.Downsample`), in tiles of the
     (H/2, W/2) output; `tile` is in output pixels."""
     b, c, height, width = x.shape
@@ -167,7 +167,7 @@ def _global_attention():
 
 
 @torch.no_grad()
-def tiled_decode(vae: AutoencoderKL, latents: Tensor, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
+def tiled_decode(vae: nn.Module, latents: Tensor, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
     """vae.decode(latents) computed in tiles of tile_size x tile_size output pixels: unscaled latents
     (B, z, h, w) -> images (B, 3, h*f, w*f). Equal to the untiled decode up to summation order."""
     dec = vae.decoder
@@ -188,7 +188,7 @@ def tiled_decode(vae: AutoencoderKL, latents: Tensor, tile_size: int = DEFAULT_T
 
 
 @torch.no_grad()
-def tiled_encode(vae: AutoencoderKL, images: Tensor, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
+def tiled_encode(vae: nn.Module, images: Tensor, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
     """The posterior moments of vae.encode(images), computed in tiles of tile_size x tile_size input pixels:
     images (B, 3, H, W) -> (B, 2 * embed_dim, H/f, W/f). The down levels run in tiles; the mid block, norm_out
     and conv_out run untiled at latent resolution."""

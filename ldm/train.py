@@ -38,7 +38,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from .data.folder import Batch, open_stream
+from .data.folder import Batch
+from .data.stream import open_stream
 from .ema import EMA
 from .model import StableDiffusion
 from .train_config import LogConfig, ModelSpec, OptimConfig, TrainConfig, load_train_config  # noqa: F401 (API)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from ldm.data.folder import (DataConfig, ImageFolder, PlannedStream, ShardStream, make_buckets, nearest_bucket,
-                             open_stream, to_training_tensor)
+                             to_training_tensor)
+from ldm.data.stream import open_stream
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230), "yellow": (240, 210, 40)}
 

@@ -487,17 +487,3 @@ class ShardStream:
     def padding_batch(self) -> Batch:
         r = self.cfg.resolution
         return collate([padding_item({"pixels": torch.zeros(3, r, r)})])
-
-
-def open_stream(cfg: DataConfig, seed: int, rank: int, world: int, batch_size: int, accum: int):
-    """The step stream of the configured source: a PlannedStream (folder, cache) or a ShardStream (tar shards)."""
-    cfg.check()
-    if cfg.shards:
-        return ShardStream(cfg.shards, cfg, seed, rank, world, batch_size, accum)
-    if cfg.cache:
-        from ..latents_cache import CachedLatents
-
-        dataset: Dataset = CachedLatents(cfg.cache, cfg, seed)
-    else:
-        dataset = ImageFolder(cfg.path, cfg, seed)
-    return PlannedStream(dataset, seed, rank, world, batch_size, accum, cfg.num_workers)
