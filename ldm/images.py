@@ -44,15 +44,8 @@ def from_pil(image: Image.Image) -> Tensor:
 
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file fully (so a truncated file fails here), as RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    with load_image_raw(path) as im:
+        return im.convert("RGB")
 
 
 def init_image_size(size: tuple[int, int], width: int | None, height: int | None,
@@ -145,6 +138,8 @@ def read_png_params(path: str | Path) -> dict[str, Any]:
 
 
 def load_image_raw(path: str | Path) -> Image.Image:
+    """Open an image file fully, in its own mode; a missing, unreadable, truncated or oversized file raises
+    FileNotFoundError or ValueError with one line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
@@ -152,6 +147,8 @@ def load_image_raw(path: str | Path) -> Image.Image:
         im = Image.open(path)
         im.load()
         return im
+    except Image.DecompressionBombError as e:  # PIL's guard against images that unpack to gigabytes
+        raise ValueError(f"cannot read image {path}: {e} Resize it below that first.") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 

@@ -70,7 +70,7 @@ CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) 
 # decoder's 512- and 256-channel convolutions (0.30 GB), not the UNet's 16 x 16 level (1.2 GB more for -0.3 s
 # per step) nor its 8 x 8 one. In bf16 (AMD Zen 4, AVX-512 BF16) it takes 0.36-0.68 of oneDNN's direct bf16
 # convolution's time at these shapes, for 2.5-3x its rounding error (~1e-2 of the output's largest value, about one
-# bf16 step; docs/benchmarks.md, session 9).
+# bf16 step; docs/benchmarks.md, the bf16 Winograd table).
 WINOGRAD_DTYPES = (torch.float32, torch.bfloat16)
 WINOGRAD_MIN_SIZE = 12
 WINOGRAD_MIN_PIXELS = 2048

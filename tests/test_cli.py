@@ -346,6 +346,15 @@ def _truncated_safetensors(path: Path) -> Path:
     return path
 
 
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG signature and IHDR chunk (1-bit greyscale) claiming width x height, with no pixel data."""
+    import zlib
+
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)))
+    return path
+
+
 def _png_without_metadata(path: Path) -> Path:
     Image.new("RGB", (16, 16)).save(path, pnginfo=PngImagePlugin.PngInfo())
     return path
@@ -377,6 +386,8 @@ BAD = {  # name: (command, extra args (with {tmp}, {init} substituted), fragment
     "unreadable init image": ("img2img", ["--init-img", "{tmp}/notes.txt"], ["cannot read image", "notes.txt"]),
     "truncated init image": ("img2img", ["--init-img", "{tmp}/cut.png"], ["cannot read image", "cut.png"]),
     "init image smaller than 8": ("img2img", ["--init-img", "{tmp}/speck.png"], ["5x5", "at least 8x8"]),
+    "init image too large to open": ("img2img", ["--init-img", "{tmp}/bomb.png"],
+                                     ["cannot read image", "bomb.png", "exceeds limit", "Resize it"]),
     "no init image": ("img2img", [], ["img2img needs --init-img"]),
     "outdir under a file": ("txt2img", ["--outdir", "{tmp}/notes.txt/out"], ["not writable", "--outdir"]),
     "outdir is a file": ("txt2img", ["--outdir", "{tmp}/notes.txt"], ["notes.txt exists and is not a folder"]),
@@ -427,6 +438,7 @@ def bad_files(tmp_path) -> Path:
     _truncated_safetensors(d / "cut.safetensors")
     _png_without_metadata(d / "plain.png")
     Image.new("RGB", (5, 5)).save(d / "speck.png")
+    _png_header(d / "bomb.png", 20000, 20000)  # 400 M pixels: PIL refuses to decode it
     (d / "train.yaml").write_text("run_dir: runs/x\nmodel:\n  preset: tiny\ntrain:\n  max_steps: 10\n")
     (d / "no-unet.yaml").write_text("model:\n  params:\n    first_stage_config: {}\n")
     (d / "no-channels.yaml").write_text("model:\n  params:\n    unet_config:\n      params: {in_channels: 4}\n"

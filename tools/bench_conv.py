@@ -1,7 +1,7 @@
 """Where Winograd's 3x3 convolution (`ldm.winograd`) pays on this CPU: one convolution at a time, oneDNN's direct
 convolution from a prepacked weight (what `ldm.optimize.packed_weights` runs otherwise) against
 `winograd_conv3x3` from a cached transformed weight, fp32, channels-last input. Prints a markdown table (the one
-behind `ldm.optimize.WINOGRAD_*`, docs/benchmarks.md "Session 6").
+behind `ldm.optimize.WINOGRAD_*`, docs/benchmarks.md, "Winograd convolutions and split wide convolutions").
 
     python tools/bench_conv.py                      # SD 1.5's shapes at 256 and 512 px
     python tools/bench_conv.py --shapes 2x640x640x32 1x512x512x128 --threads 2
