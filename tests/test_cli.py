@@ -347,11 +347,14 @@ def _truncated_safetensors(path: Path) -> Path:
 
 
 def _png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG signature and IHDR chunk (1-bit greyscale) claiming width x height, with no pixel data."""
+    """A PNG whose header claims width x height (1-bit greyscale) and which holds no pixel data."""
     import zlib
 
-    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)))
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
     return path
 
 
