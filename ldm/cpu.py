@@ -67,9 +67,9 @@ def onednn_supports(dtype: torch.dtype) -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return False
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
     try:
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
         x = torch.ones(1, 16, 4, 4, dtype=dtype)
         args = [1, 1], [1, 1], [1, 1], 1  # padding, stride, dilation, groups
         w = torch.ops.mkldnn._reorder_convolution_weight(torch.ones(16, 16, 3, 3, dtype=dtype), *args, list(x.shape))
@@ -77,7 +77,7 @@ def onednn_supports(dtype: torch.dtype) -> bool:
         x2 = torch.ones(2, 16, dtype=dtype)
         w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=dtype), 2)
         torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")
-    except RuntimeError:
+    except (RuntimeError, AttributeError):  # AttributeError: a PyTorch without one of these ops
         return False
     return True
 
