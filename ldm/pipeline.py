@@ -32,7 +32,7 @@ from .config import Interval, check_interval
 from .denoisers import DiscreteDenoiser
 from .guidance import CFGDenoiser
 from .images import fit_init_image, from_pil, init_image_size, to_pil
-from .optimize import for_inference, release_derived_weights, sampling_memory
+from .optimize import for_inference, largest_activation, release_derived_weights, sampling_memory
 from .sampler_names import DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, infotext_name, resolve_sampler
 from .samplers import generators_for, randn, sample
 from .schedules import alphas_cumprod_for
@@ -85,8 +85,6 @@ def memory_needed(sd, width: int, height: int, images: int, unet_rows: int, vae_
     (`unet_rows` latents per call; its input and output at once), the VAE's (a full-resolution ResBlock holds its
     input, normalised input and output at the first level's width, for `vae_images` images at once, or one tile
     of `tile_size` pixels) and the `images` decoded (float tensors, then 8-bit pictures)."""
-    from .optimize import largest_activation
-
     f = sd.config.vae.downsample_factor
     unet = 2 * largest_activation(sd.unet, unet_rows, height // f, width // f)
     if tile_size is not None:
@@ -118,8 +116,13 @@ def check_memory(sd, width: int, height: int, images: int, unet_rows: int, vae_i
 
 def _check_fits(sd, width: int, height: int, images: int, guidance: float, invariant: bool,
                 memory: MemoryOptions) -> None:
-    rows = (1 if invariant else images) * (1 if guidance == 1.0 else 2)  # as `generate` batches the UNet
-    check_memory(sd, width, height, images, rows, 1 if memory.image_by_image(invariant) else images, memory.tile_size)
+    check_memory(sd, width, height, images, rows_per_unet_call(images, invariant, guidance),
+                 1 if memory.image_by_image(invariant) else images, memory.tile_size)
+
+
+def rows_per_unet_call(images: int, image_by_image: bool, guidance: float) -> int:
+    """Latents per UNet call of `generate`: one image's or the whole batch's, doubled by the unconditional pass."""
+    return (1 if image_by_image else images) * (1 if guidance == 1.0 else 2)
 
 
 def _gib(n: int) -> str:
@@ -308,7 +311,7 @@ def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidan
         if callback is not None:
             callback(info["i"] + 1, info["total"], info["x"])
 
-    rows = (1 if image_by_image else len(prompts)) * (1 if uncond is None else 2)  # latents per UNet call
+    rows = rows_per_unet_call(len(prompts), image_by_image, guidance)
     with sampling_memory(sd.unet, rows, *shape[1:], sd.device):
         return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
                       schedule=resolve_schedule(sampler, schedule),
