@@ -60,7 +60,6 @@ from .winograd import winograd_conv3x3, winograd_weight, workspace
 PACKED_ATTR = "_ldm_packed"  # the packed weight; for a conv split by input channels, a tuple of packed pieces
 UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `upsample_conv`, with their bias
 WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x3`, with its bias
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)  # where this CPU's oneDNN supports them (`ldm.cpu.onednn_supports`)
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
 # Where fp32 and bf16 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
 # (docs/benchmarks.md, `tools/bench_conv.py`): inputs of 12 pixels a side or more (smaller ones waste much of their
@@ -153,7 +152,7 @@ def _eligible(self: nn.Module, x: Tensor) -> bool:
     packed = self.__dict__[PACKED_ATTR]
     dtype = self.weight.dtype if packed is None else _pieces(packed)[0].dtype
     return (x.device.type == "cpu" and self.weight.device.type == "cpu" and x.dtype == dtype
-            and dtype in PACKABLE_DTYPES and onednn_supports(dtype)
+            and onednn_supports(dtype)
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
@@ -376,7 +375,7 @@ def _pack(m: nn.Module) -> bool:
     if type(m) not in (nn.Conv2d, nn.Linear) or PACKED_ATTR in m.__dict__:
         return False
     w = m.weight
-    if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or not onednn_supports(w.dtype):
+    if w.device.type != "cpu" or not onednn_supports(w.dtype):  # fp32, and bf16 where oneDNN computes it
         return False
     if type(m) is nn.Conv2d and not (m.padding_mode == "zeros" and isinstance(m.padding, tuple)):
         return False
