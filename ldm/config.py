@@ -244,13 +244,17 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
+class _ConfigError(ValueError):
+    """A config error whose message already names the file and what is missing."""
+
+
 def _section(data: Any, *keys: str, source: str, within: str = "") -> dict[str, Any]:
     """data[keys[0]][keys[1]]... as a mapping (`data` being the section `within`), or a ValueError naming the
     first missing section."""
     for i, key in enumerate(keys):
         if not isinstance(data, dict) or not isinstance(data.get(key), dict):
             where = ".".join([*filter(None, [within]), *keys[:i + 1]])
-            raise ValueError(f"{source} is not an SD inference config: it has no '{where}' section (expected the "
+            raise _ConfigError(f"{source} is not an SD inference config: it has no '{where}' section (expected the "
                              "layout of v1-inference.yaml or v2-inference.yaml)")
         data = data[key]
     return data
@@ -258,7 +262,7 @@ def _section(data: Any, *keys: str, source: str, within: str = "") -> dict[str, 
 
 def _field(section: dict[str, Any], key: str, where: str, source: str) -> Any:
     if key not in section:
-        raise ValueError(f"{source}: the '{where}' section has no '{key}', which an SD inference config sets")
+        raise _ConfigError(f"{source}: the '{where}' section has no '{key}', which an SD inference config sets")
     return section[key]
 
 
@@ -268,9 +272,9 @@ def from_compvis(data: dict[str, Any], name: str = "compvis", source: str = "con
     field, or a value of the wrong type, is a ValueError that names it."""
     try:
         return _from_compvis(data, name, source)
-    except (TypeError, ValueError) as e:
-        if str(e).startswith(source):
-            raise
+    except _ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a value of the wrong type, or a config ldm cannot build
         raise ValueError(f"{source}: not a valid SD inference config: {e}") from None
 
 
@@ -310,8 +314,8 @@ def _from_compvis(data: dict[str, Any], name: str, source: str) -> ModelConfig:
     elif "CLIPEmbedder" in target:
         text = SD1_TEXT
     else:
-        raise ValueError(f"{source}: unsupported cond_stage_config target {target!r}: ldm supports the CLIP (SD1) and "
-                         "OpenCLIP (SD2) text encoders")
+        raise _ConfigError(f"{source}: unsupported cond_stage_config target {target!r}: ldm supports the CLIP (SD1) "
+                           "and OpenCLIP (SD2) text encoders")
     schedule = ScheduleConfig(num_timesteps=p.get("timesteps", 1000), beta_start=p.get("linear_start", 0.00085),
                               beta_end=p.get("linear_end", 0.012))
     prediction = "v" if p.get("parameterization", "eps") == "v" else "eps"
