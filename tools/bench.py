@@ -653,7 +653,6 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(ROOT))  # run from a checkout without installing ldm
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process, result as JSON on stdout
         _, loader, path, dtype, config_dir = argv
@@ -688,8 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                           "(CUDA)")
     t2i.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     t2i.set_defaults(func=cmd_txt2img)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_train  # noqa: E402  (tools/bench_train.py: the `train` subcommand)
+    import bench_train  # tools/bench_train.py, beside this script: the `train` subcommand
 
     bench_train.add_subcommand(sub)
     args = parser.parse_args(argv)

@@ -29,7 +29,6 @@ def child_train(device: str, batch: int, resolution: int, precision: str, checkp
                 warmup: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from ldm.config import preset
     from ldm.model import schedule_buffers
     from ldm.train import OptimConfig, diffusion_loss, draw_sample_noise, make_optimizer

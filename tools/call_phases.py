@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 CHECKPOINT = ROOT / ".bench_cache" / "sd15-random-fp16.safetensors"
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 

@@ -23,13 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing ldm
-
-from ldm.data.shapes import ShapeSpec, render, sample_jitter  # noqa: E402
-from ldm.shapes_eval import Generate, eval_specs, evaluate, make_grid, report_table, score  # noqa: E402
-
-DEMO_CHECKPOINT = ROOT / "ldm" / "demo" / "ldm-demo-shapes.safetensors"  # the model `make run` uses (ldm.demo)
+from ldm.data.shapes import ShapeSpec, render, sample_jitter
+from ldm.demo import DEMO_CHECKPOINT  # the model `make run` uses
+from ldm.shapes_eval import Generate, eval_specs, evaluate, make_grid, report_table, score
 
 
 def dataset_generator(image_size: int) -> Generate:

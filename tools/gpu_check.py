@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ldm  # noqa: E402
 import reference  # noqa: E402

@@ -11,12 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing ldm
-
-from ldm.data.shapes import ShapesDataset, all_specs, split, write_folder  # noqa: E402
+from ldm.data.shapes import ShapesDataset, all_specs, split, write_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,17 +40,16 @@ from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import save
+from ldm.config import preset
+from ldm.data.shapes import ShapesDataset, all_specs, write_folder
+from ldm.demo import DEMO_CHECKPOINT
+from ldm.model import StableDiffusion
+from ldm.train_vae import finetune_decoder, latent_scale, train_vae
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing ldm
-
-from ldm.checkpoint import save  # noqa: E402
-from ldm.config import preset  # noqa: E402
-from ldm.data.shapes import ShapesDataset, all_specs, write_folder  # noqa: E402
-from ldm.model import StableDiffusion  # noqa: E402
-from ldm.train_vae import finetune_decoder, latent_scale, train_vae  # noqa: E402
-
 CONFIG = ROOT / "configs" / "train" / "demo-shapes.yaml"
-OUT = ROOT / "ldm" / "demo" / "ldm-demo-shapes.safetensors"
+OUT = DEMO_CHECKPOINT
 PRESET = "demo-shapes"
 SEED = 0
 THREADS = 2                 # fixed, so that float reductions (and the file) are the same on every run
