@@ -17,16 +17,16 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "CheckpointError": "ldm.checkpoint", "load": "ldm.checkpoint", "save": "ldm.checkpoint",
+    "CheckpointError": "ldm.models.checkpoint", "load": "ldm.models.checkpoint", "save": "ldm.models.checkpoint",
     "PRESETS": "ldm.config", "ModelConfig": "ldm.config", "load_config": "ldm.config", "preset": "ldm.config",
-    "StableDiffusion": "ldm.model",
+    "StableDiffusion": "ldm.models.stable_diffusion",
 }
 __all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "load", "load_config", "preset", "save"]
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointError, load, save
-    from .config import PRESETS, ModelConfig, load_config, preset
-    from .model import StableDiffusion
+    from ldm.models.checkpoint import CheckpointError, load, save
+    from ldm.config import PRESETS, ModelConfig, load_config, preset
+    from ldm.models.stable_diffusion import StableDiffusion
 
 
 def __getattr__(name: str) -> Any:

@@ -17,16 +17,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .demo import DEMO_CHECKPOINT
-from .sampler_names import ETA_SAMPLERS, NAMES, infotext_name, resolve_sampler
+from ldm import __version__
+from ldm.demo import DEMO_CHECKPOINT
+from ldm.sampling.names import ETA_SAMPLERS, NAMES, infotext_name, resolve_sampler
 
 # Commands defined in modules of their own, imported only when one of them is asked for (they import torch and the
 # training code): name -> (module, the line `ldm --help` shows).
 MODULE_COMMANDS = {
-    "train": ("ldm.train", "train or fine-tune a model (accelerate launch -m ldm.train for many GPUs)"),
-    "cache-latents": ("ldm.latents_cache", "encode a training set once with the VAE (latents cache)"),
-    "export": ("ldm.export", "write a training run's checkpoint as a single-file model"),
+    "train": ("ldm.training.train", "train or fine-tune a model (accelerate launch -m ldm.training.train for many GPUs)"),
+    "cache-latents": ("ldm.training.latents_cache", "encode a training set once with the VAE (latents cache)"),
+    "export": ("ldm.training.export", "write a training run's checkpoint as a single-file model"),
 }
 
 # Defaults of the generation flags. They are applied last, after the values stored in a --from-png image, so
@@ -171,7 +171,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     stored: dict[str, Any] = {}
     if "from_png" in given:
-        from .images import read_png_params
+        from ldm.generation.images import read_png_params
 
         png = read_png_params(given["from_png"])
         made_by = png.get("mode", "txt2img")
@@ -215,13 +215,13 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if opts["img2img"]:
         if not opts.get("init_img"):
             raise UsageError("img2img needs --init-img IMAGE")
-        from .images import load_image
+        from ldm.generation.images import load_image
 
         try:
             opts["init_image"] = load_image(opts["init_img"])
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
-    from .images import check_outdir
+    from ldm.generation.images import check_outdir
 
     try:
         opts["outdir"] = check_outdir(opts.get("outdir") or Path("outputs") / args.command)
@@ -255,7 +255,7 @@ def check_numbers(o: dict[str, Any]) -> None:
         raise UsageError(f"--vae-tile-size must be a positive multiple of 8, got {tile}")
     o["attention_slicing"] = parse_attention_slicing(o["attention_slicing"])
     if o["guidance_interval"] is not None:
-        from .config import check_interval
+        from ldm.config import check_interval
 
         try:
             o["guidance_interval"] = check_interval(o["guidance_interval"])
@@ -317,14 +317,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import attention
-    from .checkpoint import load
-    from .images import file_sha256, save_png
-    from .pipeline import NaNError, img2img, random_seed, txt2img
+    from ldm.models import attention
+    from ldm.models.checkpoint import load
+    from ldm.generation.images import file_sha256, save_png
+    from ldm.generation.pipeline import NaNError, img2img, random_seed, txt2img
 
     device = choose_device(opts["device"])
     precision, dtype = choose_dtype(opts["precision"], device)
-    from .cpu import emulated_bf16_reason
+    from ldm.accel.cpu import emulated_bf16_reason
 
     reason = emulated_bf16_reason(dtype, device)
     if reason is not None:
@@ -345,7 +345,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # threads then wait on each other (measured: 0.36 s on one thread, 59 s on two beside another job).
         torch.set_num_threads(1)
     if opts["compile"]:
-        from .optimize import compile_model
+        from ldm.accel.optimize import compile_model
 
         compile_model(sd)
         if not quiet:
@@ -373,7 +373,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     total_batches = len(opts["prompts"]) * opts["n_iter"]
     batch = 0
     # the model is loaded frozen, so its CPU weights are packed by the first batch and kept for the next ones
-    # (`ldm.optimize.for_inference`)
+    # (`ldm.accel.optimize.for_inference`)
     for prompt in opts["prompts"]:
         for _ in range(opts["n_iter"]):
             # made at the first step, so that a request refused before sampling leaves no bar behind its error
@@ -408,7 +408,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             seed = (seed + n) % 2 ** 32
             batch += 1
     if opts["grid"] and all_images:
-        from .images import make_grid
+        from ldm.generation.images import make_grid
 
         path = save_png(make_grid(all_images), opts["outdir"], "grid", {**result.image_params(0), **extra,
                                                                         "grid": [str(p) for p in written]})
@@ -417,7 +417,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import load
+    from ldm.models.checkpoint import load
 
     sd = load(args.ckpt, config=args.config, prediction=args.prediction)
     cfg = sd.config

@@ -96,7 +96,7 @@ class ModelConfig:
     prediction: Prediction = "eps"
     image_size: int = 512  # native resolution in pixels
     # The noise levels (lo, hi] where classifier-free guidance pays off for this model, the default of txt2img and
-    # img2img (ldm.guidance; hi None: no bound). None: guidance at every step, as SD is sampled.
+    # img2img (ldm.sampling.guidance; hi None: no bound). None: guidance at every step, as SD is sampled.
     guidance_interval: tuple[float, float | None] | None = None
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -14,9 +14,9 @@ import torch  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `onednn_bf16` exercise ldm's packed bf16 route, which exists only where oneDNN computes bf16
-    (`ldm.cpu.onednn_supports`); elsewhere they skip, naming what the CPU has. Each has a variant that runs on
+    (`ldm.accel.cpu.onednn_supports`); elsewhere they skip, naming what the CPU has. Each has a variant that runs on
     every CPU (the plain bf16 route that such CPUs take)."""
-    from ldm.cpu import cpu_features, onednn_supports
+    from ldm.accel.cpu import cpu_features, onednn_supports
 
     if onednn_supports(torch.bfloat16):
         return

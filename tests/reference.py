@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import ldm
-from ldm.checkpoint import build_and_adopt
+from ldm.models.checkpoint import build_and_adopt
 from ldm.config import ModelConfig
-from ldm.tokenizer import find_vocab
+from ldm.models.tokenizer import find_vocab
 
 TOLERANCE = 1e-4  # relative error allowed in fp32 (the issue's figure)
 
@@ -209,7 +209,7 @@ def reference_text(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> CLIPTextM
 
 def write_clip_tokenizer_files(directory: Path) -> Path:
     """vocab.json and merges.txt for transformers' CLIPTokenizer in `directory`, derived from the BPE vocabulary
-    open_clip ships (found by `ldm.tokenizer.find_vocab` without importing open_clip): the files of the hub's SD
+    open_clip ships (found by `ldm.models.tokenizer.find_vocab` without importing open_clip): the files of the hub's SD
     tokenizer, which is out of reach here. transformers' byte table keeps this independent of ldm's tokenizer."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 

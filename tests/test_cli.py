@@ -21,10 +21,10 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import ldm
-from ldm import cpu
+from ldm.accel import cpu
 from ldm.cli import main
-from ldm.cpu import ALLOW_EMULATED_BF16_ENV, CPUFeatures
-from ldm.images import parse_infotext
+from ldm.accel.cpu import ALLOW_EMULATED_BF16_ENV, CPUFeatures
+from ldm.generation.images import parse_infotext
 from reference import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_image_i_of_a_batch_is_the_batch_1_image_of_its_seed(capsys, ckpt, tmp_p
 
 
 def test_n_iter_continues_the_seeds_and_writes_a_grid(capsys, ckpt, tmp_path, monkeypatch):
-    from ldm import optimize
+    from ldm.accel import optimize
 
     packed = []  # the layers whose weights were packed (CPU), once per packing
     real = optimize._packed
@@ -236,7 +236,7 @@ def test_never_overwrites_an_existing_file(capsys, ckpt, tmp_path, monkeypatch):
     assert (out / "00000-5.png").read_bytes() == b"precious"
     assert [p.name for p in pngs(out)] == ["00000-5.png", "00001-5.png"]
     # a writer that picks a taken name (as a concurrent one could) moves on instead of replacing the file
-    monkeypatch.setattr("ldm.images.next_index", lambda outdir: 0)
+    monkeypatch.setattr("ldm.generation.images.next_index", lambda outdir: 0)
     before = (out / "00001-5.png").read_bytes()
     assert txt2img(capsys, ckpt, out, "--seed", "5", "--steps", "1")[0] == 0
     assert (out / "00000-5.png").read_bytes() == b"precious" and (out / "00001-5.png").read_bytes() == before
@@ -267,9 +267,9 @@ def test_interrupted_save_leaves_only_complete_files(capsys, ckpt, tmp_path, mon
 def test_interrupted_sampling_leaves_only_complete_files(capsys, ckpt, tmp_path, monkeypatch):
     """Ctrl-C in the middle of the second batch's sampling: the first batch's files are complete, no other file
     exists."""
-    import ldm.pipeline
+    import ldm.generation.pipeline
 
-    real_txt2img = ldm.pipeline.txt2img
+    real_txt2img = ldm.generation.pipeline.txt2img
     batches = []
 
     def txt2img_interrupted_in_batch_2(*args, callback, **kwargs):
@@ -282,7 +282,7 @@ def test_interrupted_sampling_leaves_only_complete_files(capsys, ckpt, tmp_path,
 
         return real_txt2img(*args, callback=interrupt, **kwargs)
 
-    monkeypatch.setattr(ldm.pipeline, "txt2img", txt2img_interrupted_in_batch_2)
+    monkeypatch.setattr(ldm.generation.pipeline, "txt2img", txt2img_interrupted_in_batch_2)
     out = tmp_path / "out"
     code, _, stderr = txt2img(capsys, ckpt, out, "--seed", "1", "--n-samples", "2", "--n-iter", "2", "--steps", "3")
     assert code == 130 and "interrupted" in stderr and len(batches) == 2
@@ -310,7 +310,7 @@ def test_progress_bar_shows_its_rate_and_quiet_silences_it(capsys, ckpt, tmp_pat
 # --- NaN guards --------------------------------------------------------------------------------------------------
 
 def test_unet_nan_stops_with_a_clear_error_and_no_file(capsys, ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr("ldm.unet.UNetModel.forward", lambda self, x, t, context: torch.full_like(x, float("nan")))
+    monkeypatch.setattr("ldm.models.unet.UNetModel.forward", lambda self, x, t, context: torch.full_like(x, float("nan")))
     code, stdout, stderr = txt2img(capsys, ckpt, tmp_path / "out", "--seed", "1")
     assert code == 1 and stdout == ""
     assert len(stderr.strip().splitlines()) == 1
@@ -319,7 +319,7 @@ def test_unet_nan_stops_with_a_clear_error_and_no_file(capsys, ckpt, tmp_path, m
 
 
 def test_half_precision_vae_nan_decodes_again_in_fp32_with_one_warning(capsys, ckpt, tmp_path, monkeypatch):
-    from ldm.vae import AutoencoderKL
+    from ldm.models.vae import AutoencoderKL
 
     real_decode = AutoencoderKL.decode
 
@@ -532,7 +532,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused_before_loading(capsys, ckp
     lacks and the fix, exit code 2, the checkpoint never read; on a CPU with AVX-512 BF16 bf16 runs."""
     monkeypatch.delenv(ALLOW_EMULATED_BF16_ENV, raising=False)
     monkeypatch.setattr(cpu, "cpu_features", lambda: CPUFeatures("AVX2", avx512_bf16=False, amx=False))
-    monkeypatch.setattr(ldm.checkpoint, "read_state_dict", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    monkeypatch.setattr(ldm.models.checkpoint, "read_state_dict", lambda *a, **k: pytest.fail("the checkpoint was read"))
     out = tmp_path / "out"
     code, stdout, stderr = txt2img(capsys, ckpt, out, "--precision", "bf16")
     assert code == 2 and stdout == "" and not out.exists()

@@ -1,11 +1,12 @@
-"""What the CPU supports, asked at run time (`ldm.cpu`), and the Python API's refusals of what cannot work: bf16 on
+"""What the CPU supports, asked at run time (`ldm.accel.cpu`), and the Python API's refusals of what cannot work: bf16 on
 a CPU that would only emulate it, and an image size whose memory need exceeds the machine."""
 import pytest
 import torch
 
 import ldm
-from ldm import cpu, pipeline
-from ldm.cpu import ALLOW_EMULATED_BF16_ENV, CPUFeatures
+from ldm.accel import cpu
+from ldm.generation import pipeline
+from ldm.accel.cpu import ALLOW_EMULATED_BF16_ENV, CPUFeatures
 from reference import random_model
 
 AVX2 = CPUFeatures("AVX2", avx512_bf16=False, amx=False)
@@ -54,7 +55,7 @@ def test_loading_bf16_is_refused_where_the_cpu_would_emulate_it(ckpt, monkeypatc
 def test_emulated_bf16_generates_the_same_image_as_on_a_cpu_with_onednn_bf16_refused(ckpt, monkeypatch):
     """A forced bf16 model where oneDNN has no bf16 (every CPU, simulated) runs the plain layers, packs nothing and
     gives a finite image, bit-identical to the same call with the fast path switched off."""
-    from ldm import optimize
+    from ldm.accel import optimize
 
     monkeypatch.setattr(optimize, "onednn_supports", lambda dtype: dtype == torch.float32)
     sd = ldm.load(ckpt, dtype=torch.bfloat16, allow_emulated_bf16=True)

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 
 import ldm
-from ldm.checkpoint import METADATA_CONFIG_KEY, read_state_dict
+from ldm.models.checkpoint import METADATA_CONFIG_KEY, read_state_dict
 from ldm.demo import DEMO_CHECKPOINT
 from ldm.data.shapes import ShapeSpec
-from ldm.shapes_eval import classify
+from ldm.demo.eval import classify
 
 pytestmark = pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(),
                                 reason=f"no bundled demo model at {DEMO_CHECKPOINT}; build it with `make demo-model`")

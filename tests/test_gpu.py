@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import ldm
-from ldm import attention
-from ldm.samplers import generators_for, randn
+from ldm.models import attention
+from ldm.sampling.samplers import generators_for, randn
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -96,7 +96,7 @@ def test_txt2img_fp16_on_gpu_is_finite_and_close_to_fp32():
 def test_compiled_unet_with_cuda_graphs_matches_eager():
     """`compile_unet` on CUDA (CUDA graphs): same outputs as eager, and a second input is not mixed up with the
     first (CUDA graphs replay into static buffers)."""
-    from ldm.optimize import compile_unet
+    from ldm.accel.optimize import compile_unet
 
     sd, _ = reference.random_model(ldm.preset("tiny"))
     unet = sd.unet.cuda().half()

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 import ldm
-import ldm.checkpoint as ckpt
-from ldm.checkpoint import POSITION_IDS_KEY, CheckpointError, ema_key, probe_v_prediction
-from ldm.model import SCHEDULE_BUFFERS
+import ldm.models.checkpoint as ckpt
+from ldm.models.checkpoint import POSITION_IDS_KEY, CheckpointError, ema_key, probe_v_prediction
+from ldm.models.stable_diffusion import SCHEDULE_BUFFERS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -415,8 +415,8 @@ def test_cli_errors_are_one_line_without_traceback(cli_runs, case):
 
 def test_saved_files_get_the_umask_mode_not_0600(tmp_path):
     """mkstemp and safetensors' save_file both create 0600 files; a saved model is an ordinary file."""
-    from ldm.checkpoint import write_safetensors
-    from ldm.images import default_file_mode
+    from ldm.models.checkpoint import write_safetensors
+    from ldm.generation.images import default_file_mode
 
     old = os.umask(0o022)
     try:

@@ -1,4 +1,4 @@
-"""Memory options: exact tiled VAE decode and encode (`ldm.tiling`), attention slicing (`ldm.attention`), and the
+"""Memory options: exact tiled VAE decode and encode (`ldm.models.tiling`), attention slicing (`ldm.models.attention`), and the
 `vae_tiling` / `vae_slicing` / `attention_slicing` options of the pipeline and the CLI, which must not change the
 image. The VAE is the tiny preset's (four levels, f = 8, 1x1 shortcuts where the width changes) with seeded random
 weights, and tiles small enough to give several tiles per axis at every level, the last ones smaller."""
@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 import ldm
-from ldm import attention
+from ldm.models import attention
 from ldm.cli import main
 from ldm.demo import DEMO_CHECKPOINT
 from ldm.data.shapes import ShapeSpec, render
-from ldm.images import from_pil
-from ldm.pipeline import txt2img
-from ldm.tiling import tiled_decode, tiled_encode
+from ldm.generation.images import from_pil
+from ldm.generation.pipeline import txt2img
+from ldm.models.tiling import tiled_decode, tiled_encode
 
 TILE = 24  # image pixels: tiles of 3 latent pixels at the lowest level
 LATENT_HW = (9, 11)  # 72x88 images: 3 x 4 tiles, the last column 16 pixels wide

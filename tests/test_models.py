@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ldm
-from ldm.checkpoint import expected_shapes
+from ldm.models.checkpoint import expected_shapes
 from ldm.config import PRESETS, load_config, preset
 from reference import random_model
 

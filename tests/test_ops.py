@@ -1,4 +1,4 @@
-"""ldm.ops: the in-place SiLU and residual sums of inference give the out-of-place results to the bit, memory
+"""ldm.accel.ops: the in-place SiLU and residual sums of inference give the out-of-place results to the bit, memory
 layout included, so that inference-time optimisation never changes what training or `make demo-model` computes
 (the demo VAE's frozen encoder runs without grad inside training)."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import ldm
-from ldm import optimize
-from ldm.ops import add_into, add_residual, silu
-from ldm.optimize import for_inference
+from ldm.accel import optimize
+from ldm.accel.ops import add_into, add_residual, silu
+from ldm.accel.optimize import for_inference
 from reference import random_model
 
 
@@ -19,7 +19,7 @@ def _one_thread(one_torch_thread):
 
 
 def _run(sd, x, t, context, image):
-    """UNet output, VAE posterior mean and decode: the parts that use ldm.ops."""
+    """UNet output, VAE posterior mean and decode: the parts that use ldm.accel.ops."""
     return sd.unet(x, t, context), sd.vae.encode(image).mean, sd.vae.decode(x[:1])
 
 
@@ -37,7 +37,7 @@ def test_inference_in_place_equals_the_out_of_place_expressions(name, packed, mo
     context = torch.randn(2, 77, sd.config.unet.context_dim, generator=g)
     image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     with for_inference(sd) if packed else torch.no_grad():
-        with torch.enable_grad():  # grad mode on: ldm.ops runs the plain expressions (no tensor needs grad)
+        with torch.enable_grad():  # grad mode on: ldm.accel.ops runs the plain expressions (no tensor needs grad)
             reference = [r.detach() for r in _run(sd, x, t, context, image)]
         with torch.no_grad():
             fast = _run(sd, x, t, context, image)

@@ -1,4 +1,4 @@
-"""The CPU fast path keeps the numerics: prepacked weights (`ldm.optimize.packed_weights`) give the plain
+"""The CPU fast path keeps the numerics: prepacked weights (`ldm.accel.optimize.packed_weights`) give the plain
 outputs within float summation order, restore the weights bit for bit, and really run the packed kernels."""
 import gc
 import resource
@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import ldm
-from ldm import optimize, winograd
-from ldm import vae as vae_module
+from ldm.accel import optimize, winograd
+from ldm.models import vae as vae_module
 from ldm.config import preset
-from ldm.cpu import cpu_features
+from ldm.accel.cpu import cpu_features
 from reference import random_model
 
 pytestmark = [
@@ -136,7 +136,7 @@ def test_the_onednn_probe_turns_an_error_into_false(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
 
-    from ldm import cpu
+    from ldm.accel import cpu
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight", refuse)
     cpu.onednn_supports.cache_clear()
     try:
@@ -496,7 +496,7 @@ def test_decode_releases_the_vaes_derived_weights(monkeypatch):
     """Inside an outer packed block (several calls) the VAE's upsampling-phase weights are not held after a decode,
     so the next call's sampling does not carry them; an untiled decode runs each layer once, so it frees each
     derived weight after its use (`single_pass`)."""
-    from ldm.pipeline import decode
+    from ldm.generation.pipeline import decode
 
     sd, _ = random_model(preset("tiny"), seed=5)
     made, seen = [], []

@@ -22,7 +22,7 @@ def python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-HEAVY = ["torch", "transformers", "accelerate", "ldm.train", "ldm.data", "ldm.optimize", "ldm.checkpoint"]
+HEAVY = ["torch", "transformers", "accelerate", "ldm.training.train", "ldm.data", "ldm.accel.optimize", "ldm.models.checkpoint"]
 
 
 def test_import_ldm_imports_nothing_heavy_until_a_name_is_used():
@@ -30,10 +30,10 @@ def test_import_ldm_imports_nothing_heavy_until_a_name_is_used():
 import sys, ldm
 print(sorted(m for m in {HEAVY!r} if m in sys.modules))
 print(ldm.__version__, ldm.load.__module__, ldm.preset("tiny").name, 'torch' in sys.modules)
-print('ldm.train' in sys.modules, 'ldm.data' in sys.modules)
+print('ldm.training.train' in sys.modules, 'ldm.data' in sys.modules)
 """)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["[]", "0.1.0 ldm.checkpoint tiny True", "False False"]
+    assert out.stdout.splitlines() == ["[]", "0.1.0 ldm.models.checkpoint tiny True", "False False"]
 
 
 @pytest.mark.parametrize("argv, code, shown", [
@@ -90,7 +90,7 @@ def test_the_wheel_holds_the_package_and_the_demo_model_and_nothing_else(wheel):
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         demo = z.getinfo("ldm/demo/ldm-demo-shapes.safetensors")
     assert demo.file_size == (ROOT / "ldm/demo/ldm-demo-shapes.safetensors").stat().st_size
-    assert {"ldm/__init__.py", "ldm/cli.py", "ldm/cpu.py", "ldm/demo/__init__.py", "ldm/data/shapes.py"} <= set(names)
+    assert {"ldm/__init__.py", "ldm/cli.py", "ldm/accel/cpu.py", "ldm/demo/__init__.py", "ldm/data/shapes.py"} <= set(names)
     assert not [n for n in names if not n.startswith(("ldm/", "ldm-0.1.0.dist-info/"))]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert "ldm = ldm.cli:main" in entry_points

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ldm
-from ldm.attention import get_backend, set_backend
+from ldm.models.attention import get_backend, set_backend
 from ldm.config import preset
 
 REFERENCE_CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs"

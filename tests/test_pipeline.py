@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 import ldm
-import ldm.samplers as samplers_module
-from ldm.denoisers import DiscreteDenoiser
-from ldm.images import fit_init_image, from_pil, to_pil
-from ldm.pipeline import NaNError, decode, img2img, resolve_schedule, txt2img
-from ldm.samplers import generators_for, randn, sample
-from ldm.schedules import alphas_cumprod_for, sigmas_from_alphas_cumprod
+import ldm.sampling.samplers as samplers_module
+from ldm.sampling.denoisers import DiscreteDenoiser
+from ldm.generation.images import fit_init_image, from_pil, to_pil
+from ldm.generation.pipeline import NaNError, decode, img2img, resolve_schedule, txt2img
+from ldm.sampling.samplers import generators_for, randn, sample
+from ldm.sampling.schedules import alphas_cumprod_for, sigmas_from_alphas_cumprod
 from reference import random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -229,7 +229,7 @@ def test_img2img_sampler_noise_continues_the_generator(tiny, init_image, monkeyp
         return out
 
     monkeypatch.setattr(samplers_module, "randn", spy)
-    monkeypatch.setattr("ldm.pipeline.randn", spy)
+    monkeypatch.setattr("ldm.generation.pipeline.randn", spy)
     img2img(tiny, init_image, "x", strength=0.6, steps=5, sampler="euler_a", seed=7)
     posterior_eps, start_noise, *ancestral = draws
     assert len(ancestral) == 2  # 3 steps; the last one, to σ = 0, adds no noise

@@ -1,7 +1,7 @@
 """Golden numbers: a short, seeded run of every sampler on an analytic model, so that any silent change to a
 sampler, a schedule, the denoiser adapter or the noise draws shows up.
 
-Each run: `ldm.samplers.sample` with the sampler's default schedule, 4 steps, seeds (0, 1), float64, latents of
+Each run: `ldm.sampling.samplers.sample` with the sampler's default schedule, 4 steps, seeds (0, 1), float64, latents of
 shape (2, 1, 4, 4), and `DiscreteDenoiser` over the exact ε of a two-component Gaussian mixture.
 
 To regenerate tests/data/sampler_golden.json after an intended change (and say why in the commit):
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.denoisers import DiscreteDenoiser, GaussianMixtureDenoiser, append_dims
-from ldm.samplers import SAMPLERS, generators_for, randn, sample
-from ldm.schedules import alphas_cumprod_for, sigmas_from_alphas_cumprod, t_to_sigma
+from ldm.sampling.denoisers import DiscreteDenoiser, GaussianMixtureDenoiser, append_dims
+from ldm.sampling.samplers import SAMPLERS, generators_for, randn, sample
+from ldm.sampling.schedules import alphas_cumprod_for, sigmas_from_alphas_cumprod, t_to_sigma
 
 GOLDEN = Path(__file__).parent / "data" / "sampler_golden.json"
 REGENERATE = os.environ.get("LDM_REGEN_GOLDEN") == "1"

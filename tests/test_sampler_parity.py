@@ -5,7 +5,7 @@ two-component Gaussian-mixture data distribution (`GaussianMixtureDenoiser`), a 
 and t, so the errors measure how far the algorithms agree. diffusers' scheduler is driven step by step
 (`set_timesteps`, `scale_model_input`, `step`); ldm's sampler runs on its own σ schedule through
 `DiscreteDenoiser`. Noise: diffusers' schedulers draw through `randn_tensor`, which is patched to draw from the
-same per-image CPU generators, in the same order, as `ldm.samplers.randn`.
+same per-image CPU generators, in the same order, as `ldm.sampling.samplers.randn`.
 
 The error is max |ldm - diffusers| / max |diffusers| over the final latents. Tolerances (from the issue): 1e-5 in
 float64, 1e-4 in float32. diffusers keeps its σ tables in float32 and casts the latent to float32 inside some
@@ -38,9 +38,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.denoisers import DiscreteDenoiser, GaussianMixtureDenoiser, append_dims
-from ldm.samplers import SAMPLERS, generators_for, randn
-from ldm.schedules import alphas_cumprod_for, make_sigmas, sigmas_from_alphas_cumprod, t_to_sigma
+from ldm.sampling.denoisers import DiscreteDenoiser, GaussianMixtureDenoiser, append_dims
+from ldm.sampling.samplers import SAMPLERS, generators_for, randn
+from ldm.sampling.schedules import alphas_cumprod_for, make_sigmas, sigmas_from_alphas_cumprod, t_to_sigma
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from ldm.denoisers import DiscreteDenoiser, GaussianMixtureDenoiser, append_dims
-from ldm.guidance import CFGDenoiser, rescale_guidance, v_to_x0, x0_to_v
-from ldm.samplers import (ALIASES, DISCRETE_SAMPLERS, ETA_SAMPLERS, SAMPLERS, STOCHASTIC_SAMPLERS, generators_for,
+from ldm.sampling.denoisers import DiscreteDenoiser, GaussianMixtureDenoiser, append_dims
+from ldm.sampling.guidance import CFGDenoiser, rescale_guidance, v_to_x0, x0_to_v
+from ldm.sampling.samplers import (ALIASES, DISCRETE_SAMPLERS, ETA_SAMPLERS, SAMPLERS, STOCHASTIC_SAMPLERS, generators_for,
                           randn, resolve_sampler, sample)
-from ldm.schedules import alphas_cumprod_for, make_sigmas, sigmas_from_alphas_cumprod, t_to_sigma
+from ldm.sampling.schedules import alphas_cumprod_for, make_sigmas, sigmas_from_alphas_cumprod, t_to_sigma
 
 AC = alphas_cumprod_for()
 LOG_SIGMAS = sigmas_from_alphas_cumprod(AC).log()
@@ -300,9 +300,9 @@ def test_every_alias_resolves_and_unknown_names_list_the_valid_ones():
 
 
 def test_one_table_names_every_sampler_and_what_it_takes():
-    """ldm.sampler_names.TABLE is the one registry: the functions come in its order, the sets are its flags, and the
+    """ldm.sampling.names.TABLE is the one registry: the functions come in its order, the sets are its flags, and the
     name an image's infotext records for each sampler and schedule reads back as the same sampler and schedule."""
-    from ldm.sampler_names import TABLE, infotext_name
+    from ldm.sampling.names import TABLE, infotext_name
 
     assert tuple(SAMPLERS) == tuple(s.name for s in TABLE)
     assert DISCRETE_SAMPLERS == {"ddpm", "ddim", "plms"}
@@ -322,7 +322,7 @@ def test_the_cli_help_lists_the_tables_samplers():
     import io
 
     from ldm.cli import GEN_DEFAULTS, build_parser
-    from ldm.sampler_names import NAMES
+    from ldm.sampling.names import NAMES
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):

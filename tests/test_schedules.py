@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldm.config import ScheduleConfig
-from ldm.schedules import (alphas_cumprod_for, betas_for, exponential_sigmas, karras_sigmas, make_sigmas,
+from ldm.sampling.schedules import (alphas_cumprod_for, betas_for, exponential_sigmas, karras_sigmas, make_sigmas,
                            sigma_to_t, sigmas_from_alphas_cumprod, start_index, t_to_sigma, timesteps)
 
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 
 from ldm.data.shapes import (COLOURS, HELD_OUT_TRIPLES, POSITIONS, SHAPES, SIZES, ShapesDataset, ShapeSpec,
                              all_specs, render, split, write_folder)
-from ldm.shapes_eval import ATTRIBUTES, classify, evaluate, eval_specs, make_grid, report_table, score
+from ldm.demo.eval import ATTRIBUTES, classify, evaluate, eval_specs, make_grid, report_table, score
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

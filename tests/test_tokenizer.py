@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm import tokenizer as tokenizer_module
-from ldm.tokenizer import CLIPTokenizer, TokenTruncationWarning, find_vocab
+from ldm.models import tokenizer as tokenizer_module
+from ldm.models.tokenizer import CLIPTokenizer, TokenTruncationWarning, find_vocab
 
 START, END = 49406, 49407
 CAT_IDS = [320, 1125, 539, 320, 2368]  # "a photo of a cat", the ids every CLIP tokenizer agrees on
@@ -127,7 +127,7 @@ def test_vocab_is_found_without_importing_open_clip():
     # A fresh interpreter, so that nothing else in the test session has imported open_clip already.
     code = (
         "import sys\n"
-        "from ldm.tokenizer import CLIPTokenizer\n"
+        "from ldm.models.tokenizer import CLIPTokenizer\n"
         "assert CLIPTokenizer()('a photo of a cat')[0, 5].item() == 2368\n"
         "assert 'open_clip' not in sys.modules, 'open_clip was imported'\n"
     )

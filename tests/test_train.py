@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import ldm
-from ldm import train as T
-from ldm.ema import EMA
+from ldm.training import train as T
+from ldm.training.ema import EMA
 
 from test_train_data import write_folder  # noqa: E402
 
@@ -76,7 +76,7 @@ def assert_same_training(run_a: Path, run_b: Path, step: int, lr: float) -> None
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ldm.train", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ldm.training.train", *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
 
 
@@ -163,13 +163,13 @@ def test_train_checkpoints_validation_and_export(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert {"loss", "lr", "grad_norm", "it_s", "images_s", "skipped_images"} <= set(rows[0])
-    pytest.importorskip("ldm.pipeline")
+    pytest.importorskip("ldm.generation.pipeline")
     from PIL import Image
 
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-2.png", "step-4.png"]
     assert Image.open(run / "samples" / "step-4.png").size == (128, 128)  # 2 prompts x 2 seeds of 64 px
 
-    from ldm.export import main as export_main
+    from ldm.training.export import main as export_main
 
     assert export_main([str(run), "--ema"]) == 0
     sd = ldm.load(run / "export" / "step-4-ema.safetensors")
@@ -229,8 +229,8 @@ def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
 
 
 def test_latent_cache_trains_without_the_vae(tmp_path, monkeypatch):
-    from ldm.latents_cache import cache_latents
-    from ldm.vae import AutoencoderKL
+    from ldm.training.latents_cache import cache_latents
+    from ldm.models.vae import AutoencoderKL
 
     cfg = config(tmp_path, **{"data.random_flip": True})
     cache = cache_latents(cfg, tmp_path / "cache", text=True, batch_size=4, shard_size=5)
@@ -258,7 +258,7 @@ def test_fine_tune_a_checkpoint_with_v_prediction_text_encoder_and_bf16(tmp_path
                               "ema.cpu": True})
     last = T.train(cfg)
     assert len(losses(Path(cfg.run_dir))) == 2
-    from ldm.export import export
+    from ldm.training.export import export
 
     sd = ldm.load(export(cfg.run_dir, ema=False))
     before = ldm.load(base)
@@ -307,7 +307,7 @@ def test_streamed_shards_train_and_resume_bit_exactly(tmp_path):
 def test_subcommands_plug_into_an_argparse_cli(tmp_path):
     import argparse
 
-    from ldm import export, latents_cache
+    from ldm.training import export, latents_cache
 
     parser = argparse.ArgumentParser(prog="ldm")
     sub = parser.add_subparsers(dest="command")

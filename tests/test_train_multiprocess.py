@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from ldm import train as T
+from ldm.training import train as T
 
 from test_train import assert_same_training, losses  # noqa: E402
 from test_train_data import write_folder  # noqa: E402
@@ -43,7 +43,7 @@ def launch(num_processes: int, *args: str, env: dict | None = None) -> subproces
     """`accelerate launch --multi_gpu`: without a GPU, ldm's Accelerator(cpu=True) makes it a gloo group."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--machine_rank", "0", "--main_process_port", str(free_port()),
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm.train", *args]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm.training.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     # on a timeout the launcher and its workers are killed: a hung rank left behind would slow every later test,
     # and holds the output pipes, so that reading them to the end would hang the test (torch's elastic agent starts
@@ -75,7 +75,7 @@ def write_config(tmp_path: Path, **sections) -> Path:
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    pytest.importorskip("ldm.pipeline")
+    pytest.importorskip("ldm.generation.pipeline")
     path = write_config(tmp_path, validation={"every": 2, "prompts": ["a red square"], "steps": 2})
     one, two = tmp_path / "one", tmp_path / "two"
     T.train(T.load_train_config(path, [f"run_dir={one}"]))

@@ -90,7 +90,7 @@ def sd15_checkpoint(cache: Path = CACHE) -> Path:
     from safetensors.torch import save_file
 
     import ldm
-    from ldm.model import SCHEDULE_BUFFERS
+    from ldm.models.stable_diffusion import SCHEDULE_BUFFERS
 
     print(f"writing {path} (once) ...", file=sys.stderr)
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ OUTPUTS = ("text", "unet", "vae", "image")  # what each child saves, for the par
 
 @dataclass(frozen=True)
 class Variant:
-    """One implementation in one precision. `optimize` names a function of `ldm.optimize`, called on the loaded
+    """One implementation in one precision. `optimize` names a function of `ldm.accel.optimize`, called on the loaded
     model as `fn(sd)` (a returned model, if any, replaces it); where ldm has no such function the variant is skipped
     with a note."""
     impl: str  # "ldm" or "diffusers"
@@ -282,18 +282,18 @@ def skip_reason(name: str, device: str) -> str | None:
     if device == "cpu" and v.dtype == "bf16":
         import torch
 
-        from ldm.cpu import emulated_bf16_reason
+        from ldm.accel.cpu import emulated_bf16_reason
 
         reason = emulated_bf16_reason(torch.bfloat16, "cpu")
-        if reason is not None:  # ldm refuses it (`ldm.cpu.check_precision`): nothing a user would run
+        if reason is not None:  # ldm refuses it (`ldm.accel.cpu.check_precision`): nothing a user would run
             return f"{name}: skipped, {reason} (LDM_ALLOW_EMULATED_BF16=1 times it anyway)"
     if v.optimize is not None:
         try:
-            module = importlib.import_module("ldm.optimize")
+            module = importlib.import_module("ldm.accel.optimize")
         except ImportError:
-            return f"{name}: skipped, ldm has no module ldm.optimize"
+            return f"{name}: skipped, ldm has no module ldm.accel.optimize"
         if not callable(getattr(module, v.optimize, None)):
-            return f"{name}: skipped, ldm.optimize has no function {v.optimize}()"
+            return f"{name}: skipped, ldm.accel.optimize has no function {v.optimize}()"
     return None
 
 
@@ -336,8 +336,8 @@ def _loader(variant: Variant, spec: dict, device, dtype) -> Callable[[], object]
 
 
 def _ldm_case(sd, size: int, steps: int) -> Case:
-    from ldm.optimize import release_derived_weights, sampling_memory
-    from ldm.pipeline import decode, txt2img
+    from ldm.accel.optimize import release_derived_weights, sampling_memory
+    from ldm.generation.pipeline import decode, txt2img
 
     def whole(noise):
         return txt2img(sd, PROMPT, negative_prompt="", sampler="ddim", steps=steps, guidance=GUIDANCE, width=size,
@@ -346,10 +346,10 @@ def _ldm_case(sd, size: int, steps: int) -> Case:
     def image(result):  # txt2img returns 8-bit images: decode its final latents again, as it did, in float
         return ((decode(sd, result.latents) + 1) / 2)[0].permute(1, 2, 0)
 
-    def stepping(x):  # as ldm's sampling loop runs (ldm.pipeline.generate)
+    def stepping(x):  # as ldm's sampling loop runs (ldm.generation.pipeline.generate)
         return sampling_memory(sd.unet, x.shape[0], *x.shape[2:], x.device)
 
-    def vae(z):  # as ldm.pipeline.decode: the decoder's derived weights are made and released in each call
+    def vae(z):  # as ldm.generation.pipeline.decode: the decoder's derived weights are made and released in each call
         images = sd.vae.decode(z)
         release_derived_weights(sd.vae)
         return images
@@ -407,7 +407,7 @@ def child_txt2img(spec: dict) -> dict:
     sync()
     t1 = time.perf_counter()
     if variant.optimize is not None:
-        model = getattr(importlib.import_module("ldm.optimize"), variant.optimize)(model) or model
+        model = getattr(importlib.import_module("ldm.accel.optimize"), variant.optimize)(model) or model
     sync()
     t2 = time.perf_counter()
     peak_load = _peak_rss()
@@ -423,9 +423,9 @@ def child_txt2img(spec: dict) -> dict:
     t = torch.full((2,), TIMESTEP, device=device)
     z = torch.randn(1, LATENT_CHANNELS, h, h, generator=g).to(device, dtype)  # the VAE decode's latents
     timings, outputs, first_call = {}, {}, []
-    # ldm's parts run as its pipeline runs them (on CPU: prepacked weights, see ldm.optimize.for_inference)
+    # ldm's parts run as its pipeline runs them (on CPU: prepacked weights, see ldm.accel.optimize.for_inference)
     def inference():
-        return importlib.import_module("ldm.optimize").for_inference(model) if variant.impl == "ldm" else nullcontext()
+        return importlib.import_module("ldm.accel.optimize").for_inference(model) if variant.impl == "ldm" else nullcontext()
 
     phase_peaks = {}  # the peak RSS of each phase (VmHWM, reset between them), to tell where the peak comes from
 
@@ -443,7 +443,7 @@ def child_txt2img(spec: dict) -> dict:
         phase_end("image")
         timings["text_s"], outputs["text"] = _median_time(case.text, warmup, runs, sync)
         phase_end("text")
-        with case.stepping(x):  # ldm: as its sampling loop runs the UNet (ldm.optimize.keep_freed_memory)
+        with case.stepping(x):  # ldm: as its sampling loop runs the UNet (ldm.accel.optimize.keep_freed_memory)
             timings["unet_s"], outputs["unet"] = _median_time(lambda: case.unet(x, t, context), warmup, runs, sync)
         phase_end("unet")
         timings["vae_s"], outputs["vae"] = _median_time(lambda: case.vae(z), warmup, runs, sync)
@@ -628,7 +628,7 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
               + "".join(f"- {note}\n" for note in notes)
               + f"\n{txt2img_tables(results, pairs, cuda)}\n" + ("\n" + "\n".join(goals) + "\n" if goals else ""))
     # one section per kind of CPU (PyTorch's capability: AVX2, AVX512, ...), so that machines do not overwrite each other
-    from ldm.cpu import cpu_features
+    from ldm.accel.cpu import cpu_features
 
     section = "txt2img-cuda" if cuda else f"txt2img-cpu-{cpu_features().capability.lower()}"
     publish(section, report, args.write)
@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     load.set_defaults(func=cmd_load)
     t2i = sub.add_parser("txt2img", help="txt2img speed, peak memory and parity: ldm vs diffusers",
                          description="Variants: " + ", ".join(f"{k} ({v.impl} {v.dtype}"
-                                                              f"{f', ldm.optimize.{v.optimize}' if v.optimize else ''})"
+                                                              f"{f', ldm.accel.optimize.{v.optimize}' if v.optimize else ''})"
                                                               for k, v in VARIANTS.items()))
     t2i.add_argument("--sizes", nargs="+", type=_positive, default=[256, 512], help="image sides in pixels")
     t2i.add_argument("--steps", type=_positive, default=10, help="DDIM steps of the whole txt2img")

@@ -1,7 +1,7 @@
-"""Where Winograd's 3x3 convolution (`ldm.winograd`) pays on this CPU: one convolution at a time, oneDNN's direct
-convolution from a prepacked weight (what `ldm.optimize.packed_weights` runs otherwise) against
+"""Where Winograd's 3x3 convolution (`ldm.accel.winograd`) pays on this CPU: one convolution at a time, oneDNN's direct
+convolution from a prepacked weight (what `ldm.accel.optimize.packed_weights` runs otherwise) against
 `winograd_conv3x3` from a cached transformed weight, fp32, channels-last input. Prints a markdown table (the one
-behind `ldm.optimize.WINOGRAD_*`, docs/benchmarks.md, "Winograd convolutions and split wide convolutions").
+behind `ldm.accel.optimize.WINOGRAD_*`, docs/benchmarks.md, "Winograd convolutions and split wide convolutions").
 
     python tools/bench_conv.py                      # SD 1.5's shapes at 256 and 512 px
     python tools/bench_conv.py --shapes 2x640x640x32 1x512x512x128 --threads 2
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ldm.winograd import winograd_conv3x3, winograd_weight
+from ldm.accel.winograd import winograd_conv3x3, winograd_weight
 
 # batch x in channels x out channels x size: the UNet's levels with guidance (batch 2) and the VAE decoder's (1)
 SHAPES = ["2x320x320x64", "2x320x320x32", "2x960x320x32", "2x640x640x32", "2x1920x640x32", "2x640x640x48",

@@ -90,7 +90,7 @@ def hardware() -> str:
         model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
     except (OSError, AttributeError):
         model = platform.processor() or "unknown CPU"
-    from ldm.cpu import cpu_features
+    from ldm.accel.cpu import cpu_features
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     return (f"{model} (PyTorch CPU capability {cpu_features().describe()}), {os.cpu_count()} cores, {mem:.0f} GiB "

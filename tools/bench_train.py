@@ -1,8 +1,8 @@
 """`tools/bench.py train`: images/s and peak memory of training steps of the full SD 1.5 UNet (not a test).
 
 One step is what `ldm train` does per micro-batch when training from a latents cache: per-sample noise and
-timesteps, the UNet forward and backward through `ldm.train.diffusion_loss` (eps objective), gradient clipping and
-an AdamW step (`ldm.train.make_optimizer`: fused on CUDA), on random weights (preset sd-v1, 860 M parameters)
+timesteps, the UNet forward and backward through `ldm.training.train.diffusion_loss` (eps objective), gradient clipping and
+an AdamW step (`ldm.training.train.make_optimizer`: fused on CUDA), on random weights (preset sd-v1, 860 M parameters)
 with random latents and a random text context. The VAE and the text encoder do not run. Each configuration runs
 in a fresh process (so that its peak RSS is its own): `--warmup` steps, then `--steps` timed steps. Peak memory
 is the process's peak RSS (ru_maxrss) and, on CUDA, `torch.cuda.max_memory_allocated`.
@@ -30,9 +30,9 @@ def child_train(device: str, batch: int, resolution: int, precision: str, checkp
     import torch
 
     from ldm.config import preset
-    from ldm.model import schedule_buffers
-    from ldm.train import OptimConfig, diffusion_loss, draw_sample_noise, make_optimizer
-    from ldm.unet import UNetModel
+    from ldm.models.stable_diffusion import schedule_buffers
+    from ldm.training.train import OptimConfig, diffusion_loss, draw_sample_noise, make_optimizer
+    from ldm.models.unet import UNetModel
 
     dev = torch.device(device)
     cfg = preset("sd-v1")

@@ -4,7 +4,7 @@ decode and restoring the weights, for several calls of one process (the bench's 
     python tools/call_phases.py --size 256 --calls 3            # a loaded (frozen) model: only call 0 packs
     python tools/call_phases.py --size 256 --calls 3 --trainable # weights packed and restored in every call
 
-A measurement tool, not a test: it wraps ldm.optimize's packing and restoring and ldm.pipeline.decode with timers.
+A measurement tool, not a test: it wraps ldm.accel.optimize's packing and restoring and ldm.generation.pipeline.decode with timers.
 Run `python tools/bench.py load` once first: it writes the checkpoint to .bench_cache/.
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main() -> int:
     import torch
 
     import ldm
-    from ldm import optimize, pipeline
+    from ldm.accel import optimize
+    from ldm.generation import pipeline
 
     torch.set_num_threads(args.threads)
     sd = ldm.load(CHECKPOINT, dtype=torch.float32)

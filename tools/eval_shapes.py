@@ -25,7 +25,7 @@ import numpy as np
 
 from ldm.data.shapes import ShapeSpec, render, sample_jitter
 from ldm.demo import DEMO_CHECKPOINT  # the model `make run` uses
-from ldm.shapes_eval import Generate, eval_specs, evaluate, make_grid, report_table, score
+from ldm.demo.eval import Generate, eval_specs, evaluate, make_grid, report_table, score
 
 
 def dataset_generator(image_size: int) -> Generate:
@@ -58,14 +58,14 @@ def roundtrip_generator(ckpt: str, device: str, image_size: int) -> Generate:
 
 
 def model_generator(ckpt: str, device: str, image_size: int, **options) -> Generate:
-    """`ldm.pipeline.txt2img` on the checkpoint; `options` (steps, sampler, guidance) override its defaults."""
+    """`ldm.generation.pipeline.txt2img` on the checkpoint; `options` (steps, sampler, guidance) override its defaults."""
     import torch
 
     import ldm
     try:
-        from ldm.pipeline import txt2img
+        from ldm.generation.pipeline import txt2img
     except ImportError as e:
-        raise SystemExit(f"eval_shapes: ldm.pipeline is not available ({e}); --dataset still works")
+        raise SystemExit(f"eval_shapes: ldm.generation.pipeline is not available ({e}); --dataset still works")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sd = ldm.load(ckpt, device=device)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import ldm  # noqa: E402
 import reference  # noqa: E402
-from ldm import attention  # noqa: E402
+from ldm.models import attention  # noqa: E402
 
 
 def cuda_time(fn, warmup: int = 3, runs: int = 10) -> float:

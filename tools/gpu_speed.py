@@ -3,7 +3,7 @@
 SD 1.5-architecture UNets with random weights (speed does not depend on the values), 512x512 (64x64 latents),
 batch 2 as with classifier-free guidance, t = 500. Each round times diffusers and ldm back to back, so a busy host
 (these steps are bound by kernel launches, i.e. by the CPU) shows in both. `--channels-last` adds both UNets
-with channels-last weights; `--compile` then compiles ldm's with `ldm.optimize.compile_unet` (CUDA graphs) and
+with channels-last weights; `--compile` then compiles ldm's with `ldm.accel.optimize.compile_unet` (CUDA graphs) and
 reports its warm-up and its error against eager.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from bench import SD15_DIFFUSERS_CONFIGS  # noqa: E402
 
 from ldm.config import preset  # noqa: E402
-from ldm.optimize import compile_unet  # noqa: E402
-from ldm.unet import UNetModel  # noqa: E402
+from ldm.accel.optimize import compile_unet  # noqa: E402
+from ldm.models.unet import UNetModel  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

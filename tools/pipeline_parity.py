@@ -47,9 +47,9 @@ from reference import (random_model, reference_text, reference_unet, reference_v
 
 import ldm  # noqa: E402
 from ldm.config import ModelConfig  # noqa: E402
-from ldm.pipeline import decode, img2img, txt2img  # noqa: E402
-from ldm.samplers import generators_for, randn  # noqa: E402
-from ldm.schedules import start_index, timesteps  # noqa: E402
+from ldm.generation.pipeline import decode, img2img, txt2img  # noqa: E402
+from ldm.sampling.samplers import generators_for, randn  # noqa: E402
+from ldm.sampling.schedules import start_index, timesteps  # noqa: E402
 
 TOLERANCE = 1e-3  # max abs pixel difference in [0, 1], fp32 (the figure)
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry, low quality"

@@ -8,7 +8,7 @@ The recipe, every stage seeded, each one's output in --run-dir (default runs/dem
 
 1. images/   the train split of `ldm.data.shapes` (held-out triples excluded), IMAGES_PER_CAPTION jittered
              renders of each of its 912 captions, as a folder that `ldm train` and `ldm cache-latents` read.
-2. VAE       `ldm.train_vae` (L1 + MSE + KL) on freshly rendered train-split images, then its latent scale
+2. VAE       `ldm.training.vae` (L1 + MSE + KL) on freshly rendered train-split images, then its latent scale
              factor, 1 / std of the latents, as SD measured 0.18215; then `finetune_decoder` (encoder frozen,
              edge-weighted L1), which sharpens small triangles' apexes without moving the latent space.
 3. base.safetensors   the `demo-shapes` preset with that scale factor: the trained VAE, the text encoder at
@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import save
+from ldm.models.checkpoint import save
 from ldm.config import preset
 from ldm.data.shapes import ShapesDataset, all_specs, write_folder
 from ldm.demo import DEMO_CHECKPOINT
-from ldm.model import StableDiffusion
-from ldm.train_vae import finetune_decoder, latent_scale, train_vae
+from ldm.models.stable_diffusion import StableDiffusion
+from ldm.training.vae import finetune_decoder, latent_scale, train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train" / "demo-shapes.yaml"
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"  # `ldm train` would take a GPU if there is one
 
-    from ldm.export import export
-    from ldm.latents_cache import cache_latents
-    from ldm.train import load_train_config, train
+    from ldm.training.export import export
+    from ldm.training.latents_cache import cache_latents
+    from ldm.training.train import load_train_config, train
 
     torch.set_num_threads(THREADS)
     torch.set_flush_denormal(True)  # tiny Adam moments turn denormal and make every op several times slower

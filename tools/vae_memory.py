@@ -1,4 +1,4 @@
-"""Peak memory and time of a VAE decode, untiled vs tiled (`ldm.tiling`), with the full-size SD VAE.
+"""Peak memory and time of a VAE decode, untiled vs tiled (`ldm.models.tiling`), with the full-size SD VAE.
 
     python tools/vae_memory.py                                  # 512 and 1024, untiled and tiled
     python tools/vae_memory.py --cases 2048:tiled --tile-size 512
@@ -27,7 +27,7 @@ def run_case(size: int, mode: str, tile_size: int, threads: int) -> dict:
     import torch
 
     import ldm
-    from ldm.vae import AutoencoderKL
+    from ldm.models.vae import AutoencoderKL
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

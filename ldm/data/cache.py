@@ -1,4 +1,4 @@
-"""Reading a latents cache (written by `ldm cache-latents`, `ldm.latents_cache`): the map-style training source
+"""Reading a latents cache (written by `ldm cache-latents`, `ldm.training.latents_cache`): the map-style training source
 whose items are the VAE posteriors of a data set, so that training never runs the VAE.
 
 The cache is a directory:
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .folder import DataConfig, derive_seed, padding_item
+from ldm.data.folder import DataConfig, derive_seed, padding_item
 
 CACHE_FORMAT = "ldm-latents-cache"
 CACHE_VERSION = 1

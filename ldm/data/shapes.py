@@ -21,7 +21,7 @@ Rendering is exact area coverage: each pixel is the fraction of its area that th
 samples), mixed linearly between the two colours. Edges are therefore smooth, a sub-pixel jitter moves the shape
 by less than a pixel instead of snapping, and every pixel is one of only 17 mixtures of the two palette colours.
 A pixel with coverage above 1/2 is "in" the shape, so the counted area is the geometric area to within a
-pixel row, which is what `ldm.shapes_eval` relies on.
+pixel row, which is what `ldm.demo.eval` relies on.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from .cache import CachedLatents
-from .folder import DataConfig, ImageFolder, PlannedStream, ShardStream
+from ldm.data.cache import CachedLatents
+from ldm.data.folder import DataConfig, ImageFolder, PlannedStream, ShardStream
 
 
 def open_stream(cfg: DataConfig, seed: int, rank: int, world: int, batch_size: int, accum: int):

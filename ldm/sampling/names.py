@@ -2,7 +2,7 @@
 
 Everything else is derived from `TABLE`: the sets of discrete, eta-taking and stochastic samplers, the names
 `resolve_sampler` accepts (canonical, k-diffusion's and A1111's, the latter with a " Karras" or " Exponential"
-schedule), the name an image's infotext records (`infotext_name`) and the command line's help. `ldm.samplers`
+schedule), the name an image's infotext records (`infotext_name`) and the command line's help. `ldm.sampling.samplers`
 maps each name to its function. This module imports no torch, so that the command line checks a sampler name
 without it.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SamplerName:
-    name: str                      # canonical: the key of ldm.samplers.SAMPLERS and of the CLI's --sampler
+    name: str                      # canonical: the key of ldm.sampling.samplers.SAMPLERS and of the CLI's --sampler
     a1111: str                     # AUTOMATIC1111's display name, as its UI, API and infotext spell it
     discrete: bool = False         # runs on its own discrete timestep grid (CompVis), never a Karras schedule
     eta: bool = False              # takes eta, its noise scale

@@ -18,7 +18,7 @@ The transforms use only 0, +-1 and 1/2, so the result equals the direct convolut
 (measured ~7e-7 relative to the output's largest value in fp32, as accurate as oneDNN's direct convolution). In
 bf16 the transformed tiles and products are rounded to bf16 (the products accumulate in fp32): ~1e-2 of the
 output's largest value, 2.5-3x the error of oneDNN's direct bf16 convolution, about one bf16 step.
-`ldm.optimize` decides where it pays.
+`ldm.accel.optimize` decides where it pays.
 
 The transforms are PyTorch additions over chunks of tile rows, bound by memory bandwidth; their temporaries come
 from a kept `Workspace`, since fresh pages (faulted in and zeroed by the kernel) would cost more than the

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.shapes import COLOURS, POSITIONS, REFERENCE_SIZE, SIZES, ShapeSpec, all_specs
+from ldm.data.shapes import COLOURS, POSITIONS, REFERENCE_SIZE, SIZES, ShapeSpec, all_specs
 
 ATTRIBUTES = ("colour", "background", "shape", "size", "position")
 GOALS = {"colour": 0.95, "background": 0.95, "shape": 0.90, "size": 0.90, "position": 0.90}  # from the issue

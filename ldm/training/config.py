@@ -3,7 +3,7 @@ checked key by key (unknown keys, wrong types and values outside a Literal are e
 
     cfg = load_train_config("configs/train/tiny-shapes.yaml", ["train.max_steps=2000"])
 
-Every field is documented where it is declared; `ldm.train` is the loop that reads them.
+Every field is documented where it is declared; `ldm.training.train` is the loop that reads them.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import read_yaml_mapping
-from .data.folder import DataConfig
+from ldm.config import read_yaml_mapping
+from ldm.data.folder import DataConfig
 
 
 @dataclass(frozen=True)

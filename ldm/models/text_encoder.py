@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .config import TextEncoderConfig
+from ldm.config import TextEncoderConfig
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 

@@ -5,7 +5,7 @@ Every sampler has the signature
     sample_NAME(denoiser, x, sigmas, *, extra_args=None, callback=None, [eta=..., generators=...]) -> Tensor
 
 - `denoiser(x, sigma, **extra_args)` returns the x_0 prediction D(x, σ); x is in the variance-exploding
-  parametrisation x = x_0 + σ ε of Karras et al. 2022 (EDM) and `sigma` has shape (B,). See `ldm.denoisers`.
+  parametrisation x = x_0 + σ ε of Karras et al. 2022 (EDM) and `sigma` has shape (B,). See `ldm.sampling.denoisers`.
 - `x` is the latent at σ = sigmas[0]; it is not modified. The return value is the latent at σ = sigmas[-1].
 - `sigmas` is a descending 1-D tensor of noise levels, usually ending with 0 (`schedules.make_sigmas`).
 - `callback`, if given, is called once per step, before the update, with a dict: `i` (step), `total` (number
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldm.denoisers import Denoiser
-from ldm.sampler_names import (ALIASES, DISCRETE_SAMPLERS, DISPLAY_NAMES, ETA_SAMPLERS, NAMES,  # noqa: F401 (API)
+from ldm.sampling.denoisers import Denoiser
+from ldm.sampling.names import (ALIASES, DISCRETE_SAMPLERS, DISPLAY_NAMES, ETA_SAMPLERS, NAMES,  # noqa: F401 (API)
                                STOCHASTIC_SAMPLERS, display_name, infotext_name, resolve_sampler)
-from ldm.schedules import SigmaSchedule, Spacing, make_sigmas, start_index
+from ldm.sampling.schedules import SigmaSchedule, Spacing, make_sigmas, start_index
 
 Callback = Callable[[dict], None]
 
@@ -465,7 +465,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
 
 # --- registry, names and the convenience entry point ------------------------------------------------------
 
-# each name of ldm.sampler_names.TABLE (which says what the sampler takes) -> its function, in the table's order
+# each name of ldm.sampling.names.TABLE (which says what the sampler takes) -> its function, in the table's order
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm, "ddim": sample_ddim, "plms": sample_plms,
     "euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_heun,

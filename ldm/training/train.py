@@ -1,10 +1,10 @@
 """Latent diffusion training with accelerate: one CPU to many GPUs, from scratch or fine-tuning.
 
     ldm train configs/train/tiny-shapes.yaml train.max_steps=2000          # one process
-    accelerate launch --config_file configs/accelerate/ddp.yaml -m ldm.train CONFIG.yaml [key=value ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m ldm.training.train CONFIG.yaml [key=value ...]
     ... --resume latest                                                     # continue a run bit for bit
 
-Scale is accelerate's job (DDP, FSDP, DeepSpeed); this file is the loop (its configuration: ldm.train_config). Per
+Scale is accelerate's job (DDP, FSDP, DeepSpeed); this file is the loop (its configuration: ldm.training.config). Per
 optimizer step, every rank takes `grad_accum` micro-batches of its share of the global batch (see
 ldm/data/folder.py), and for each sample draws caption dropout, timestep and noise from a generator seeded by the
 sample's own seed: the run is a pure function of (config, seed), whatever the number of ranks. The loss of
@@ -38,11 +38,11 @@ import torch
 import yaml
 from torch import Tensor
 
-from .data.folder import Batch
-from .data.stream import open_stream
-from .ema import EMA
-from .model import StableDiffusion
-from .train_config import LogConfig, ModelSpec, OptimConfig, TrainConfig, load_train_config  # noqa: F401 (API)
+from ldm.data.folder import Batch
+from ldm.data.stream import open_stream
+from ldm.training.ema import EMA
+from ldm.models.stable_diffusion import StableDiffusion
+from ldm.training.config import LogConfig, ModelSpec, OptimConfig, TrainConfig, load_train_config  # noqa: F401 (API)
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model."
@@ -54,8 +54,8 @@ DEBUG_KILL_ENV = "LDM_TRAIN_DEBUG_SIGKILL_AT_STEP"
 
 def build_model(spec: ModelSpec) -> StableDiffusion:
     """The model to train: a fresh preset, or a checkpoint (with a fresh UNet if reinit_unet)."""
-    from .checkpoint import load, resolve_config
-    from .unet import UNetModel
+    from ldm.models.checkpoint import load, resolve_config
+    from ldm.models.unet import UNetModel
 
     if spec.checkpoint:
         sd = load(spec.checkpoint, config=spec.config, prediction=spec.prediction)
@@ -160,7 +160,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, models: dict, ema: EM
                     keep: int) -> Path:
     """Write checkpoints/step-N atomically: every rank fills .tmp-step-N, then rank 0 renames it and prunes."""
     from accelerate.utils import gather_object
-    from .checkpoint import write_safetensors
+    from ldm.models.checkpoint import write_safetensors
 
     root = run_dir / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
@@ -239,9 +239,9 @@ class MetricsLog:
 def validate(sd: StableDiffusion, cfg: TrainConfig, step: int, ema: EMA | None) -> Path | None:
     """A grid of validation images (rows: seeds, columns: prompts) in run_dir/samples/step-N.png (rank 0)."""
     try:
-        from .pipeline import txt2img
+        from ldm.generation.pipeline import txt2img
     except ImportError:
-        warnings.warn("validation skipped: ldm.pipeline is not available", stacklevel=2)  # shown once
+        warnings.warn("validation skipped: ldm.generation.pipeline is not available", stacklevel=2)  # shown once
         return None
     from PIL import Image
 
@@ -496,7 +496,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 def _write_run_files(sd: StableDiffusion, cfg: TrainConfig, run_dir: Path) -> None:
     """config.yaml, and frozen.safetensors: the weights that are not trained (VAE, text encoder, schedule), with
     the model config, so that `ldm export` needs nothing but the run directory."""
-    from .checkpoint import METADATA_CONFIG_KEY, write_safetensors
+    from ldm.models.checkpoint import METADATA_CONFIG_KEY, write_safetensors
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
@@ -563,7 +563,7 @@ def _leave_process_group() -> None:
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    from .cli import MODULE_COMMANDS
+    from ldm.cli import MODULE_COMMANDS
 
     p = subparsers.add_parser("train", help=MODULE_COMMANDS["train"][1],
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -573,7 +573,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ldm.training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the wor
 -9%, UNet step -2%).
 
 Cheaper convolutions (CPU, fp32 and bf16, inside the block): 3x3 convolutions of 256 channels or more on inputs of 12
-pixels a side or more, with 2048 output pixels or more per call, take Winograd's F(2x2, 3x3) (`ldm.winograd`),
+pixels a side or more, with 2048 output pixels or more per call, take Winograd's F(2x2, 3x3) (`ldm.accel.winograd`),
 4/9 of the multiply-adds, from a transformed weight cached beside the plain one: for SD 1.5 at 512 px with
 guidance, the UNet's 64 x 64 and 32 x 32 levels (0.42 GB), released by `release_derived_weights` when sampling
 ends, and the VAE decoder's 512- and 256-channel convolutions, each made, used and freed in turn (`single_pass`).
@@ -54,14 +54,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from .cpu import onednn_supports
-from .winograd import winograd_conv3x3, winograd_weight, workspace
+from ldm.accel.cpu import onednn_supports
+from ldm.accel.winograd import winograd_conv3x3, winograd_weight, workspace
 
 PACKED_ATTR = "_ldm_packed"  # the packed weight; for a conv split by input channels, a tuple of packed pieces
 UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `upsample_conv`, with their bias
 WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x3`, with its bias
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
-# Where fp32 and bf16 3x3 convolutions take Winograd's algorithm (`ldm.winograd`) inside the block, measured on 2 cores
+# Where fp32 and bf16 3x3 convolutions take Winograd's algorithm (`ldm.accel.winograd`) inside the block, measured on 2 cores
 # (docs/benchmarks.md, `tools/bench_conv.py`): inputs of 12 pixels a side or more (smaller ones waste much of their
 # tiles), 256 channels or more in and out (with fewer, the products are too small to outweigh the transforms), and
 # at least 2048 output pixels per call, so that the time saved is worth the cached weight (16/9 the plain one, kept
@@ -87,7 +87,7 @@ _single_pass = threading.local()  # depth: open single_pass blocks in this threa
 
 
 def mkldnn_available() -> bool:
-    """Whether oneDNN's CPU kernels can pack and compute fp32 here (bf16: `ldm.cpu.onednn_supports`)."""
+    """Whether oneDNN's CPU kernels can pack and compute fp32 here (bf16: `ldm.accel.cpu.onednn_supports`)."""
     return onednn_supports(torch.float32)
 
 
@@ -137,7 +137,7 @@ class PackedWeight(nn.Parameter):
 def _owner(w: PackedWeight) -> nn.Module:
     layer = w.__dict__["_ldm_layer"]()
     if layer is None:  # the layer is gone, and its packed weight with it: no values to give
-        raise RuntimeError("this weight was packed for inference (ldm.optimize) and its layer no longer exists")
+        raise RuntimeError("this weight was packed for inference (ldm.accel.optimize) and its layer no longer exists")
     return layer
 
 
@@ -300,7 +300,7 @@ def _packed_linear(self: nn.Linear, x: Tensor) -> Tensor:
 
 
 def conv2d(conv: nn.Conv2d, x: Tensor, padding: int, stride: int = 1) -> Tensor:
-    """`conv`'s convolution with another zero padding (for tiled execution, `ldm.tiling`), on its packed weight
+    """`conv`'s convolution with another zero padding (for tiled execution, `ldm.models.tiling`), on its packed weight
     inside a `packed_weights` block."""
     return _conv(conv, x, [padding] * 2, [stride] * 2)
 
@@ -411,7 +411,7 @@ def packed_weights(model: nn.Module, enabled: bool = True, keep: bool = False) -
     """Within the block, `model`'s CPU Conv2d/Linear layers (fp32 or bf16) compute from prepacked weights.
 
     Yields the number of layers it marked for packing (0 when disabled, off CPU, when oneDNN is unavailable or
-    cannot compute the layers' dtype on this CPU (`ldm.cpu.onednn_supports`), or when they are packed already:
+    cannot compute the layers' dtype on this CPU (`ldm.accel.cpu.onednn_supports`), or when they are packed already:
     nested or repeated use is fine, layers already packed are left as they are).
     Each is packed on its first call. On exit they get their plain weights back, unless `keep`: then they stay
     packed until their weight is used otherwise (`PackedWeight`) or `unpack_weights`, so that the next block

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig, Prediction
-from .text_encoder import build_text_encoder
-from .tokenizer import CLIPTokenizer
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from ldm.config import ModelConfig, Prediction
+from ldm.models.text_encoder import build_text_encoder
+from ldm.models.tokenizer import CLIPTokenizer
+from ldm.models.unet import UNetModel
+from ldm.models.vae import AutoencoderKL
 
 # The buffers CompVis `LatentDiffusion.register_schedule` stores, in the order it computes them.
 SCHEDULE_BUFFERS = (
@@ -131,16 +131,16 @@ class StableDiffusion(nn.Module):
         """Prompts -> conditioning (B, 77, D)."""
         return self.encode_tokens(self.tokenize(prompts), clip_skip=clip_skip)
 
-    # --- generation (see ldm.pipeline) ----------------------------------------------------------------------
+    # --- generation (see ldm.generation.pipeline) ----------------------------------------------------------------------
     def txt2img(self, prompt, **kwargs):
-        """Text to images; see `ldm.pipeline.txt2img` for the parameters. Returns a `Result`."""
-        from .pipeline import txt2img
+        """Text to images; see `ldm.generation.pipeline.txt2img` for the parameters. Returns a `Result`."""
+        from ldm.generation.pipeline import txt2img
 
         return txt2img(self, prompt, **kwargs)
 
     def img2img(self, image, prompt, **kwargs):
-        """Image and text to images; see `ldm.pipeline.img2img` for the parameters. Returns a `Result`."""
-        from .pipeline import img2img
+        """Image and text to images; see `ldm.generation.pipeline.img2img` for the parameters. Returns a `Result`."""
+        from ldm.generation.pipeline import img2img
 
         return img2img(self, image, prompt, **kwargs)
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention
-from .config import AutoencoderConfig
-from .ops import add_into, add_residual, silu
-from .optimize import single_pass, upsample_conv
-from .tiling import DEFAULT_TILE_SIZE, tiled_decode, tiled_encode
+from ldm.models.attention import attention
+from ldm.config import AutoencoderConfig
+from ldm.accel.ops import add_into, add_residual, silu
+from ldm.accel.optimize import single_pass, upsample_conv
+from ldm.models.tiling import DEFAULT_TILE_SIZE, tiled_decode, tiled_encode
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the original
 
@@ -195,7 +195,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images: Tensor, tiled: bool = False, tile_size: int = DEFAULT_TILE_SIZE) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, z, H/f, W/f). `tiled` computes it in
-        tiles of tile_size x tile_size pixels to bound memory, with the same result (see `ldm.tiling`)."""
+        tiles of tile_size x tile_size pixels to bound memory, with the same result (see `ldm.models.tiling`)."""
         f = self.cfg.downsample_factor
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
             raise ValueError(f"VAE expects images of shape (B, {self.cfg.in_channels}, H, W), got {tuple(images.shape)}")
@@ -209,7 +209,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: Tensor, tiled: bool = False, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
         """Unscaled latents (B, z, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1]. `tiled` computes it in
-        tiles of tile_size x tile_size output pixels to bound memory, with the same result (see `ldm.tiling`)."""
+        tiles of tile_size x tile_size output pixels to bound memory, with the same result (see `ldm.models.tiling`)."""
         if latents.ndim != 4 or latents.shape[1] != self.cfg.embed_dim:
             raise ValueError(f"VAE expects latents of shape (B, {self.cfg.embed_dim}, h, w), got {tuple(latents.shape)}")
         if tiled:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ldm.config import Interval, check_interval
-from ldm.denoisers import Denoiser, append_dims
+from ldm.sampling.denoisers import Denoiser, append_dims
 
 def x0_to_v(x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
     """The v-prediction that corresponds to the x_0 prediction `x0` at the VE point (x, σ):

@@ -20,10 +20,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from . import __version__
-from .config import ModelConfig, load_config, preset
-from .cpu import check_precision
-from .model import SCHEDULE_BUFFERS, StableDiffusion, schedule_buffers
+from ldm import __version__
+from ldm.config import ModelConfig, load_config, preset
+from ldm.accel.cpu import check_precision
+from ldm.models.stable_diffusion import SCHEDULE_BUFFERS, StableDiffusion, schedule_buffers
 
 METADATA_CONFIG_KEY = "ldm_config"
 
@@ -232,11 +232,11 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
     prediction: "eps" or "v", overriding the config and the probe.
     use_ema: load the `model_ema.*` UNet weights of a full training checkpoint instead of the raw ones.
     allow_emulated_bf16: load bf16 weights for a CPU without native bf16 arithmetic (AVX-512 BF16 or AMX), which
-        is otherwise refused with a ValueError before anything is read (`ldm.cpu.check_precision`): there bf16 runs
+        is otherwise refused with a ValueError before anything is read (`ldm.accel.cpu.check_precision`): there bf16 runs
         emulated, slower than fp32. For tests and measurements.
 
     The model comes back frozen, for inference: eval mode, no parameter requiring grad (so that the pipeline keeps
-    its packed CPU weights between calls, `ldm.optimize.for_inference`). Training turns on what it trains.
+    its packed CPU weights between calls, `ldm.accel.optimize.for_inference`). Training turns on what it trains.
     """
     check_precision(dtype, device, allow_emulated_bf16)
     tensors, metadata = read_state_dict(path, dtype=dtype)
@@ -353,7 +353,7 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata:
     """safetensors' save_file, giving the file the umask's mode rather than save_file's 0600."""
     from safetensors.torch import save_file
 
-    from .images import default_file_mode
+    from ldm.generation.images import default_file_mode
 
     save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
     os.chmod(path, default_file_mode())

@@ -8,8 +8,8 @@ its initial noise, its VAE posterior sample (img2img) and every ancestral/SDE no
 of a batch is bit-identical to the same seed generated alone, on any device.
 
 Memory options, which leave the image as it is (up to float summation order): `vae_tiling` runs the VAE in
-tiles (`ldm.tiling`: exact, no seams), `vae_slicing` runs it one image at a time, and `attention_slicing`
-computes attention a slice of query rows at a time (`ldm.attention`).
+tiles (`ldm.models.tiling`: exact, no seams), `vae_slicing` runs it one image at a time, and `attention_slicing`
+computes attention a slice of query rows at a time (`ldm.models.attention`).
 """
 from __future__ import annotations
 
@@ -27,16 +27,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from . import __version__, attention
-from .config import Interval, check_interval
-from .denoisers import DiscreteDenoiser
-from .guidance import CFGDenoiser
-from .images import fit_init_image, from_pil, init_image_size, to_pil
-from .optimize import for_inference, largest_activation, release_derived_weights, sampling_memory
-from .sampler_names import DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, infotext_name, resolve_sampler
-from .samplers import generators_for, randn, sample
-from .schedules import alphas_cumprod_for
-from .tiling import DEFAULT_TILE_SIZE, check_tile_size
+from ldm import __version__
+
+from ldm.models import attention
+from ldm.config import Interval, check_interval
+from ldm.sampling.denoisers import DiscreteDenoiser
+from ldm.sampling.guidance import CFGDenoiser
+from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
+from ldm.accel.optimize import for_inference, largest_activation, release_derived_weights, sampling_memory
+from ldm.sampling.names import DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, infotext_name, resolve_sampler
+from ldm.sampling.samplers import generators_for, randn, sample
+from ldm.sampling.schedules import alphas_cumprod_for
+from ldm.models.tiling import DEFAULT_TILE_SIZE, check_tile_size
 
 StepCallback = Callable[[int, int, Tensor], None]
 MAX_SEED = 2 ** 32 - 1
@@ -170,7 +172,7 @@ def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guid
         out = unet(x, t, context)
         if not torch.isfinite(out).all():
             raise NaNError("the UNet produced NaN/Inf values (fp16 overflow?). Try --precision fp32, or keep "
-                           "attention in fp32 (--upcast-attention, or ldm.attention.set_backend(upcast=True))")
+                           "attention in fp32 (--upcast-attention, or ldm.models.attention.set_backend(upcast=True))")
         return out
 
     base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction, shares_latents=True)
@@ -202,7 +204,7 @@ class ImageByImage:
 def decode(sd, latents: Tensor, nan_fallback: bool = True, image_by_image: bool = False,
            tile_size: int | None = None) -> Tensor:
     """Scaled latents -> images in [-1, 1], one image at a time if asked (batch invariance, less memory), in tiles
-    of tile_size x tile_size pixels if given (less memory, see `ldm.tiling`)."""
+    of tile_size x tile_size pixels if given (less memory, see `ldm.models.tiling`)."""
     if image_by_image and latents.shape[0] > 1:
         images = torch.cat([_decode(sd, z[None], nan_fallback, tile_size) for z in latents])
     else:
@@ -234,7 +236,7 @@ def _decode(sd, latents: Tensor, nan_fallback: bool, tile_size: int | None) -> T
 class MemoryOptions:
     """How to spend less memory; none of them changes the image beyond float summation order.
 
-    `vae_tiling`: run the VAE in tiles of `vae_tile_size` pixels (exact and seam-free, see `ldm.tiling`).
+    `vae_tiling`: run the VAE in tiles of `vae_tile_size` pixels (exact and seam-free, see `ldm.models.tiling`).
     `vae_slicing`: decode one image at a time (None: when the call is batch invariant, see `txt2img`).
     `attention_slicing`: query rows per attention slice, "auto", or None to keep the process-wide setting."""
     vae_tiling: bool = False
@@ -365,7 +367,7 @@ def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[
     of the k-samplers (see `resolve_schedule`: ddim/plms/ddpm keep their discrete grid). `batch_invariant` (default:
     on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit.
     `guidance_interval` (lo, hi) applies guidance only at noise levels lo < σ <= hi (hi None: no bound; see
-    `ldm.guidance`); None takes the model's own (`config.guidance_interval`, None for SD: every step).
+    `ldm.sampling.guidance`); None takes the model's own (`config.guidance_interval`, None for SD: every step).
 
     Memory (see `MemoryOptions`): `vae_tiling` decodes in tiles of `vae_tile_size` pixels; `vae_slicing` decodes
     one image at a time (default: when batch invariant); `attention_slicing` (query rows per slice, or "auto")

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data.cache import CACHE_FORMAT, CACHE_VERSION, CachedLatents, module_fingerprint  # noqa: F401 (API)
-from .data.folder import ImageFolder, ShardSamples, collate, expand_shards
+from ldm.data.cache import CACHE_FORMAT, CACHE_VERSION, CachedLatents, module_fingerprint  # noqa: F401 (API)
+from ldm.data.folder import ImageFolder, ShardSamples, collate, expand_shards
 
 def _batches(cfg, batch_size: int):
     """Collated batches of the data set in a fixed order (epoch 0), with unreadable images counted."""
@@ -51,9 +51,9 @@ def _batches(cfg, batch_size: int):
 def cache_latents(cfg, out: str | Path, *, text: bool = False, batch_size: int = 8, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, shard_size: int = 1024, overwrite: bool = False) -> Path:
     """Encode the data set of training config `cfg` into the cache directory `out` (written atomically)."""
-    from .checkpoint import write_safetensors
+    from ldm.models.checkpoint import write_safetensors
 
-    from .train import build_model
+    from ldm.training.train import build_model
 
     out = Path(out)
     if cfg.data.cache:
@@ -117,7 +117,7 @@ def cache_latents(cfg, out: str | Path, *, text: bool = False, batch_size: int =
 
 
 def cmd_cache_latents(args: argparse.Namespace) -> int:
-    from .train_config import load_train_config
+    from ldm.training.config import load_train_config
 
     cfg = load_train_config(args.config, list(args.overrides))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,7 +130,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    from .cli import MODULE_COMMANDS
+    from ldm.cli import MODULE_COMMANDS
 
     p = subparsers.add_parser("cache-latents", help=MODULE_COMMANDS["cache-latents"][1],
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +148,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_standalone
+    from ldm.cli import run_standalone
 
     return run_standalone("cache-latents", add_subcommand, argv)
 

@@ -23,7 +23,7 @@ untiled forward holds several full-size temporaries (x, norm(x), silu(norm(x)), 
 
 `tile_size` is in image pixels: at a level of resolution 1/s the tiles are tile_size // s tensor pixels wide.
 
-The functions take `ldm.vae`'s modules (AutoencoderKL, ResnetBlock, Upsample, Downsample), typed as nn.Module here:
+The functions take `ldm.models.vae`'s modules (AutoencoderKL, ResnetBlock, Upsample, Downsample), typed as nn.Module here:
 the VAE calls into this module, not the other way round.
 """
 from __future__ import annotations
@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention, optimize
+from ldm.models import attention
+
+from ldm.accel import optimize
 
 
 DEFAULT_TILE_SIZE = 512  # image pixels per tile side

@@ -8,7 +8,7 @@ Two questions, kept apart because they have different answers on real machines:
   it there.
 - Which dtypes can oneDNN pack and compute (`onednn_supports`)? fp32 wherever oneDNN is built in; bf16 only with
   AVX-512 BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only CPU raises "bf16 path needs the cpu support ..." from inside
-  the weight reorder). `ldm.optimize` takes its packed and Winograd routes only for these dtypes; every other
+  the weight reorder). `ldm.accel.optimize` takes its packed and Winograd routes only for these dtypes; every other
   dtype runs PyTorch's plain layers and gives the same numbers.
 
 Both are probed rather than inferred from a CPU model name: the answer of oneDNN itself is what decides whether
@@ -61,7 +61,7 @@ def cpu_features() -> CPUFeatures:
 @functools.cache
 def onednn_supports(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs weights and computes convolutions and linear layers of `dtype` on this CPU: asks
-    PyTorch, then runs the very calls `ldm.optimize` makes on tiny tensors, so that a oneDNN error can only
+    PyTorch, then runs the very calls `ldm.accel.optimize` makes on tiny tensors, so that a oneDNN error can only
     show up here, once, as False."""
     if dtype not in (torch.float32, torch.bfloat16):
         return False

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .train import UNET_PREFIX, find_checkpoint
+from ldm.config import ModelConfig
+from ldm.training.train import UNET_PREFIX, find_checkpoint
 
 
 def model_config_of(run_dir: Path) -> ModelConfig:
     """The model config that `ldm train` stored in the run's frozen.safetensors."""
     from safetensors import safe_open
 
-    from .checkpoint import METADATA_CONFIG_KEY
+    from ldm.models.checkpoint import METADATA_CONFIG_KEY
 
     with safe_open(str(run_dir / "frozen.safetensors"), "pt") as f:
         return ModelConfig.from_dict(json.loads(f.metadata()[METADATA_CONFIG_KEY]))
@@ -34,7 +34,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, ema: bool = Fa
            dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     from safetensors.torch import load_file
 
-    from .checkpoint import build_and_adopt, save
+    from ldm.models.checkpoint import build_and_adopt, save
 
     run_dir = Path(run_dir)
     if not (run_dir / "frozen.safetensors").exists():
@@ -67,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    from .cli import MODULE_COMMANDS
+    from ldm.cli import MODULE_COMMANDS
 
     p = subparsers.add_parser("export", help=MODULE_COMMANDS["export"][1],
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +82,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_standalone
+    from ldm.cli import run_standalone
 
     return run_standalone("export", add_subcommand, argv)
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
-from .config import UNetConfig
-from .ops import SiLU, add_into, add_residual, repeat_batch
-from .optimize import upsample_conv
+from ldm.models.attention import attention
+from ldm.config import UNetConfig
+from ldm.accel.ops import SiLU, add_into, add_residual, repeat_batch
+from ldm.accel.optimize import upsample_conv
 
 TIME_EMBED_MAX_PERIOD = 10000
 
@@ -109,7 +109,7 @@ class GEGLU(nn.Module):
         x, gate = self.proj(x).chunk(2, dim=-1)
         if torch.is_grad_enabled():
             return x * F.gelu(gate)
-        return F.gelu(gate).mul_(x)  # inference: the product into gelu's fresh output (ldm.ops)
+        return F.gelu(gate).mul_(x)  # inference: the product into gelu's fresh output (ldm.accel.ops)
 
 
 class FeedForward(nn.Module):
@@ -305,5 +305,5 @@ class UNetModel(nn.Module):
             # the next skip (if any) fixes the size an upsampling layer must produce
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = self._run(block, h, emb, context, size)
-        # prepacked CPU convolutions (ldm.optimize) return channels-last tensors; give callers a plain one
+        # prepacked CPU convolutions (ldm.accel.optimize) return channels-last tensors; give callers a plain one
         return repeat_batch(self.out(h).to(x.dtype).contiguous(), context.shape[0])

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .config import AutoencoderConfig
-from .vae import AutoencoderKL
+from ldm.config import AutoencoderConfig
+from ldm.models.vae import AutoencoderKL
 
 KL_WEIGHT = 1e-6  # the SD VAE's (kl_weight in autoencoder_kl_*.yaml)
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ldm.config import Prediction
-from ldm.ops import repeat_batch
-from ldm.schedules import sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
+from ldm.accel.ops import repeat_batch
+from ldm.sampling.schedules import sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
 
 # model_fn(x_t, t, cond) -> ε or v: x_t is the VP-scaled latent (B, C, H, W), t the timesteps (B,).
 ModelFn = Callable[[Tensor, Tensor, object], Tensor]

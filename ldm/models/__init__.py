@@ -1,0 +1,1 @@
+"""Networks and weights: the UNet, the VAE, the CLIP text encoders and the checkpoint loader."""

@@ -1,0 +1,1 @@
+"""Samplers, noise schedules, denoisers and guidance: everything between the UNet and the latents."""

@@ -1,0 +1,1 @@
+"""Training: the accelerate loop, its configuration, EMA, latent caches and checkpoint export."""
