@@ -1,14 +1,20 @@
-"""Typed configuration: one frozen dataclass per component, named presets, and a YAML reader.
+"""Typed configuration: one frozen dataclass per component, named presets, a YAML reader, and `build`, the one
+typed builder of a config dataclass from a mapping (also used for `ldm.training.config.TrainConfig`).
 
 YAML files (ldm's own `configs/*.yaml` and the original CompVis/Stability inference YAMLs) are data that map
 onto these fields. Their `target:` strings are read as data and never imported.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -107,21 +113,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = dict(d)
-        sections = {"unet": UNetConfig, "vae": AutoencoderConfig, "text": TextEncoderConfig, "schedule": ScheduleConfig}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in sections:
-                kwargs[key] = _build(sections[key], value or {}, where=key)
-            elif key in SCALARS:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
-            else:
-                raise ValueError(f"unknown config key {key!r}; expected one of {sorted([*sections, *SCALARS])}")
-        if "name" not in kwargs:
-            raise ValueError("config has no 'name'")
-        cfg = cls(**kwargs)
-        if cfg.prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {cfg.prediction!r}")
+        """A ModelConfig from a mapping (ldm's YAML, or a checkpoint's metadata), checked key by key (`build`)."""
+        cfg = build(cls, d)
         return cfg.replace(guidance_interval=check_interval(cfg.guidance_interval))
 
 
@@ -140,22 +133,6 @@ def check_interval(interval: Interval | None) -> Interval | None:
     if not (lo >= 0.0 and (hi is None or hi > lo)):
         raise ValueError(f"guidance interval needs 0 <= lo < hi, got ({lo}, {hi})")
     return lo, None if hi == float("inf") else hi
-
-
-SCALARS = ("name", "prediction", "image_size", "guidance_interval")  # ModelConfig's keys that are not sections
-
-
-def _build(cls: type, values: dict[str, Any], where: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"config section '{where}' must be a mapping of its fields, got {values!r}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section '{where}'; valid keys: {sorted(names)}")
-    out = {}
-    for k, v in values.items():
-        out[k] = tuple(v) if isinstance(v, list) else v
-    return cls(**out)
 
 
 # --- presets -------------------------------------------------------------------------------------------
@@ -201,6 +178,90 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+# --- mappings onto dataclasses -------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+def build(cls: type[C], values: Any, where: str = "") -> C:
+    """`cls(**values)` for a config dataclass, checked key by key against its annotations: nested dataclasses
+    (from mappings; None or an empty YAML section: the defaults), `X | None` and other unions, Literal,
+    `tuple[X, ...]` (a single value is a 1-tuple), fixed-length tuples, lists and Path. YAML lists become tuples.
+    `where` is the dotted path of `values` ("" at the top), so that each ValueError names the key: an unknown
+    key (with the valid ones), a missing key without a default, a value of the wrong type or outside a Literal."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where or 'top'}' must be a mapping of its fields, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        close = [_key(where, m) for k in unknown for m in difflib.get_close_matches(str(k), fields, n=1)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown key(s) {[_key(where, k) for k in unknown]}{hint}; valid keys"
+                         f"{f' of {where!r}' if where else ''}: {sorted(fields)}")
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing key(s) {[_key(where, k) for k in missing]}, which have no default")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(hints[k], v, _key(where, k)) for k, v in values.items()})
+
+
+def _key(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(t: Any, v: Any, name: str) -> Any:
+    """`v` as a value of the annotation `t`, or a ValueError that names the key `name`."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if dataclasses.is_dataclass(t):
+        return build(t, {} if v is None else v, name)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):  # in order: `str | tuple[str, ...]` keeps "a" whole
+            with contextlib.suppress(ValueError):
+                return _coerce(option, v, name)
+        raise ValueError(f"{name}: expected {_describe(t)}, got {v!r}")
+    if origin is Literal:
+        if v in args:
+            return v
+        raise ValueError(f"{name} must be one of {list(args)}, got {v!r}")
+    if origin in (tuple, list):
+        items = list(v) if isinstance(v, (list, tuple)) else [v]
+        if origin is tuple and args[-1:] != (Ellipsis,):  # fixed length: tuple[float, float | None]
+            if len(items) != len(args):
+                raise ValueError(f"{name}: expected {_describe(t)}, got {v!r}")
+            return tuple(_coerce(a, x, f"{name}[{i}]") for i, (a, x) in enumerate(zip(args, items)))
+        out = [_coerce(args[0], x, f"{name}[{i}]") for i, x in enumerate(items)]
+        return tuple(out) if origin is tuple else out
+    if t is Any:
+        return v
+    if t in (bool, str) and isinstance(v, t) or t is int and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if t is float and not isinstance(v, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            return float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if t is Path and isinstance(v, (str, os.PathLike)):
+        return Path(v)
+    if t not in (bool, str, int, float, Path):
+        raise TypeError(f"{name}: build cannot check a field annotated {t}")  # extend _coerce for it
+    raise ValueError(f"{name}: expected {_describe(t)}, got {v!r}")
+
+
+def _describe(t: Any) -> str:
+    """An annotation in words: `float or None`, `'eps' or 'v'`, `a list of int`, `a list [float, float or None]`."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return " or ".join(map(repr, args))
+    if origin is tuple and args[-1:] != (Ellipsis,):
+        return f"a list [{', '.join(map(_describe, args))}]"
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0])}"
+    return "None" if t is type(None) else getattr(t, "__name__", str(t))
 
 
 # --- YAML ----------------------------------------------------------------------------------------------

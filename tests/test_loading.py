@@ -308,6 +308,23 @@ def test_config_as_name_object_and_yaml(tiny_state, tmp_path):
     assert sd.config.prediction == "v"
 
 
+def test_config_yaml_errors_name_the_file_and_the_key(tmp_path):
+    """A model YAML is checked by ldm.config.build, as the training config is: unknown keys and wrong types fail."""
+    cases = [("unet: {channel_mul: [1, 2]}",
+              r"unknown key\(s\) \['unet.channel_mul'\] \(did you mean 'unet.channel_mult'\?"),
+             ("vae: {scale_factor: big}", r"vae.scale_factor: expected float, got 'big'"),
+             ("text: {kind: t5}", r"text.kind must be one of \['hf-clip', 'open-clip'\], got 't5'"),
+             ("unet: 4", r"config section 'unet' must be a mapping")]
+    for body, match in cases:
+        path = tmp_path / "bad.yaml"
+        path.write_text(f"preset: tiny\n{body}\n")
+        with pytest.raises(ValueError, match=r"bad.yaml: " + match):
+            ldm.load_config(path)
+    path.write_text("preset: tiny\nunet: {channel_mult: [1, 2, 2]}\nguidance_interval: [1, null]\n")
+    cfg = ldm.load_config(path)
+    assert cfg.unet.channel_mult == (1, 2, 2) and cfg.guidance_interval == (1.0, None)
+
+
 def test_unknown_preset_lists_the_presets(tiny_file):
     with pytest.raises(ValueError, match=r"unknown preset 'sd-v3'.*'sd-v1'.*'tiny'"):
         ldm.load(tiny_file, config="sd-v3")

@@ -96,6 +96,31 @@ def test_config_yaml_overrides_and_typed_errors(tmp_path):
         T.load_train_config(ROOT / "configs" / "train" / name)
 
 
+def test_one_builder_checks_model_and_training_sections():
+    """ldm.config.build reads the model configs and the training config alike: the same errors, naming the key."""
+    from ldm.config import UNetConfig, build
+    from ldm.training.config import OptimConfig
+
+    assert build(UNetConfig, {"channel_mult": [1, 2]}, "unet").channel_mult == (1, 2)
+    assert build(OptimConfig, {"adam_betas": [0.9, 0.99]}, "train").adam_betas == (0.9, 0.99)
+    for cls, where, values, match in [
+            (UNetConfig, "unet", {"channel_mul": [1, 2]}, r"unknown key\(s\) \['unet.channel_mul'\] \(did you mean "
+                                                          r"'unet.channel_mult'\?\); valid keys of 'unet': \["),
+            (OptimConfig, "train", {"batch_sise": 2}, r"unknown key\(s\) \['train.batch_sise'\] \(did you mean "
+                                                      r"'train.batch_size'\?\); valid keys of 'train': \["),
+            (UNetConfig, "unet", {"model_channels": "32"}, r"^unet.model_channels: expected int, got '32'$"),
+            (OptimConfig, "train", {"batch_size": "two"}, r"^train.batch_size: expected int, got 'two'$"),
+            (UNetConfig, "unet", {"num_heads": 1.5}, r"^unet.num_heads: expected int or None, got 1.5$"),
+            (OptimConfig, "train", {"max_grad_norm": "x"}, r"^train.max_grad_norm: expected float or None, got 'x'$")]:
+        with pytest.raises(ValueError, match=match):
+            build(cls, values, where)
+    # and through the two loaders, whose sections are one level down
+    with pytest.raises(ValueError, match=r"unet.model_channels: expected int, got '32'"):
+        ldm.ModelConfig.from_dict({**ldm.preset("tiny").to_dict(), "unet": {"model_channels": "32"}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['unet.channel_mul'\]"):
+        ldm.ModelConfig.from_dict({"name": "x", "unet": {"channel_mul": [1, 2]}})
+
+
 # --- objective, noise, schedule, EMA -------------------------------------------------------------------------------
 
 def test_eps_and_v_targets_and_min_snr_weights():

@@ -1,5 +1,6 @@
 """The training configuration: `TrainConfig` and its sections, read from YAML plus `a.b=value` overrides and
-checked key by key (unknown keys, wrong types and values outside a Literal are errors that name the key).
+checked key by key by `ldm.config.build`, the builder of the model configs too (unknown keys, wrong types and
+values outside a Literal are errors that name the key).
 
     cfg = load_train_config("configs/train/tiny-shapes.yaml", ["train.max_steps=2000"])
 
@@ -7,17 +8,14 @@ Every field is documented where it is declared; `ldm.training.train` is the loop
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from ldm.config import read_yaml_mapping
+from ldm.config import build, read_yaml_mapping
 from ldm.data.folder import DataConfig
 
 
@@ -118,47 +116,4 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), base: 
         node[leaf] = yaml.safe_load(value)
     if "run_dir" not in data:
         raise ValueError("the training config has no run_dir (where checkpoints, logs and samples go)")
-    return _build(TrainConfig, data, "")
-
-
-def _build(cls: type, values: Any, where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"config section '{where.rstrip('.') or 'top'}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown key(s) {[where + k for k in unknown]}; valid keys: {sorted(hints)}")
-    out = {}
-    for key, value in values.items():
-        t = hints[key]
-        if dataclasses.is_dataclass(t):
-            out[key] = _build(t, value or {}, f"{where}{key}.")
-        else:
-            out[key] = _coerce(t, value, where + key)
-    return cls(**out)
-
-
-def _coerce(t: Any, v: Any, name: str) -> Any:
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin in (typing.Union, types.UnionType):
-        if v is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            with contextlib.suppress(ValueError):
-                return _coerce(arg, v, name)
-        raise ValueError(f"{name}: {v!r} is not a valid {t}")
-    if origin is Literal:
-        if v in args:
-            return v
-        raise ValueError(f"{name} must be one of {list(args)}, got {v!r}")
-    if origin is tuple:
-        items = v if isinstance(v, (list, tuple)) else [v]
-        return tuple(_coerce(args[0], x, f"{name}[]") for x in items)
-    if t is bool and isinstance(v, bool) or t is str and isinstance(v, str):
-        return v
-    if t is int and isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if t is float and not isinstance(v, bool):
-        with contextlib.suppress(TypeError, ValueError):
-            return float(v)  # YAML reads 1e-4 (no dot) as a string
-    raise ValueError(f"{name}: expected {getattr(t, '__name__', t)}, got {v!r}")
+    return build(TrainConfig, data)
