@@ -1,15 +1,7 @@
-"""Makes `tests/reference.py` (the diffusers/transformers references) importable as `reference` whatever pytest's
-import mode, and the repository root importable as `ldm` when the package is not installed."""
-import sys
-from pathlib import Path
-
-for path in (Path(__file__).parent, Path(__file__).parents[1]):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+"""Shared by every test module: the skip of the `onednn_bf16` tests on CPUs without oneDNN bf16, and fixtures.
+ldm and `ldm.testing` come from the installed package (`make install` installs the checkout in editable mode)."""
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,9 +31,9 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The `tiny` preset with seeded random weights (tests/reference.random_model), one per test module. Shared by
-    the module's tests: never modify it (tests that need another dtype build their own)."""
+    """The `tiny` preset with seeded random weights (`ldm.testing.reference.random_model`), one per test module.
+    Shared by the module's tests: never modify it (tests that need another dtype build their own)."""
     import ldm
-    from reference import random_model
+    from ldm.testing.reference import random_model
 
     return random_model(ldm.preset("tiny"))[0]

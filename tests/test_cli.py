@@ -25,7 +25,7 @@ from ldm.accel import cpu
 from ldm.cli import main
 from ldm.accel.cpu import ALLOW_EMULATED_BF16_ENV, CPUFeatures
 from ldm.generation.images import parse_infotext
-from reference import random_model
+from ldm.testing.reference import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--W", "64", "--H", "64", "--steps", "3"]

@@ -7,7 +7,7 @@ import ldm
 from ldm.accel import cpu
 from ldm.generation import pipeline
 from ldm.accel.cpu import ALLOW_EMULATED_BF16_ENV, CPUFeatures
-from reference import random_model
+from ldm.testing.reference import random_model
 
 AVX2 = CPUFeatures("AVX2", avx512_bf16=False, amx=False)
 SAPPHIRE_RAPIDS = CPUFeatures("AVX512", avx512_bf16=True, amx=True)

@@ -10,7 +10,8 @@ from ldm.sampling.samplers import generators_for, randn
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-reference = pytest.importorskip("reference")
+pytest.importorskip("diffusers")
+from ldm.testing import reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import torch
 import ldm
 from ldm.models.checkpoint import expected_shapes
 from ldm.config import PRESETS, load_config, preset
-from reference import random_model
+from ldm.testing.reference import random_model
 
 DATA = Path(__file__).parent / "data"
 REFERENCE_CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs"

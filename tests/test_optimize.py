@@ -12,7 +12,7 @@ from ldm.accel import optimize, winograd
 from ldm.models import vae as vae_module
 from ldm.config import preset
 from ldm.accel.cpu import cpu_features
-from reference import random_model
+from ldm.testing.reference import random_model
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from reference import (TOLERANCE, compare_text, compare_unet, compare_vae, error, original_config, random_model,
-                       reference_text, reference_unet, reference_unet_config, reference_vae, reference_vae_config,
-                       unet_inputs)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ldm
 from ldm.models.attention import get_backend, set_backend
 from ldm.config import preset
+from ldm.testing.reference import (TOLERANCE, compare_text, compare_unet, compare_vae, error, original_config,
+                                   random_model, reference_text, reference_unet, reference_unet_config, reference_vae,
+                                   reference_vae_config, unet_inputs)
 
 REFERENCE_CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs"
 

@@ -2,14 +2,12 @@
 callbacks, seeds and batch invariance, the NaN guards and input validation. All on random-weight tiny models.
 
 Parity: a whole txt2img and img2img against diffusers' `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline`
-with DDIM, the same weights and the same noise; the comparison functions live in tools/pipeline_parity.py, which
-prints the same figures as a table.
+with DDIM, the same weights and the same noise; the comparison functions live in ldm/testing/pipeline_parity.py, and
+`python tools/pipeline_parity.py` prints the same figures as a table.
 """
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +21,8 @@ from ldm.generation.images import fit_init_image, from_pil, to_pil
 from ldm.generation.pipeline import NaNError, decode, img2img, resolve_schedule, txt2img
 from ldm.sampling.samplers import generators_for, randn, sample
 from ldm.sampling.schedules import alphas_cumprod_for, sigmas_from_alphas_cumprod
-from reference import random_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import pipeline_parity as parity  # noqa: E402
+from ldm.testing import pipeline_parity as parity
+from ldm.testing.reference import random_model
 
 SIZE = 64
 

@@ -106,7 +106,7 @@ PARITY_PROMPTS = [
 def reference_tokenizer(tmp_path_factory):
     """transformers' CLIPTokenizer built offline from vocab.json and merges.txt derived from the gz file."""
     transformers = pytest.importorskip("transformers")
-    from reference import write_clip_tokenizer_files
+    from ldm.testing.reference import write_clip_tokenizer_files
 
     directory = write_clip_tokenizer_files(tmp_path_factory.mktemp("clip-tokenizer"))
     return transformers.CLIPTokenizer.from_pretrained(str(directory))

@@ -116,13 +116,12 @@ def diffusers_config_dir(cache: Path = CACHE) -> Path:
 
 def clip_tokenizer_dir(cache: Path = CACHE) -> Path:
     """vocab.json and merges.txt for transformers' CLIPTokenizer, made once from the BPE vocabulary that open_clip
-    ships (`tests/reference.write_clip_tokenizer_files`): diffusers' pipeline needs a tokenizer, and the hub is
-    out of reach."""
+    ships (`ldm.testing.reference.write_clip_tokenizer_files`): diffusers' pipeline needs a tokenizer, and the hub
+    is out of reach."""
     root = cache / "clip-tokenizer"
     if (root / "merges.txt").exists():
         return root
-    sys.path.insert(0, str(ROOT / "tests"))
-    from reference import write_clip_tokenizer_files
+    from ldm.testing.reference import write_clip_tokenizer_files
 
     return write_clip_tokenizer_files(root)
 

@@ -10,15 +10,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import ldm  # noqa: E402
-import reference  # noqa: E402
-from ldm.models import attention  # noqa: E402
+import ldm
+from ldm.models import attention
+from ldm.testing import reference
 
 
 def cuda_time(fn, warmup: int = 3, runs: int = 10) -> float:

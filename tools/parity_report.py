@@ -2,7 +2,7 @@
 
 For each preset, builds ldm's StableDiffusion with seeded weights, hands the same weights to diffusers'
 UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel through diffusers' own conversion
-functions (strict loads), and prints a markdown table of the errors per component. It reuses tests/reference.py,
+functions (strict loads), and prints a markdown table of the errors per component. It reuses ldm.testing.reference,
 so the numbers are those the parity tests assert on (rel = max|ours - ref| / max|ref|, limit 1e-4 in fp32).
 The full sizes need about 7 GB of memory and a minute or two each on a 2-core CPU.
 """
@@ -13,17 +13,13 @@ import gc
 import platform
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+import diffusers
+import torch
+import transformers
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from reference import TOLERANCE, compare_all, probe_sizes, random_model  # noqa: E402
-
-import ldm  # noqa: E402
+import ldm
+from ldm.testing.reference import TOLERANCE, compare_all, probe_sizes, random_model
 
 
 def report(presets: list[str], seed: int) -> tuple[str, bool]:

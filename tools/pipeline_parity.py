@@ -1,176 +1,27 @@
 """Pipeline parity report (not a test): `python tools/pipeline_parity.py [--full]`.
 
-Runs a whole txt2img and img2img with ldm and with diffusers' `StableDiffusionPipeline` /
-`StableDiffusionImg2ImgPipeline` on the same seeded weights (tests/reference.py), the same DDIM schedule
-(CompVis "leading" grid, `steps_offset=1`, eta 0, last step to ᾱ_0) and the same noise, and prints a markdown
-table of the max abs difference of the decoded images in [0, 1] and of the final latents, fp32 on the CPU.
-
-The diffusers side runs its own text path: prompt strings through transformers' CLIPTokenizer (built offline
-from the BPE vocabulary open_clip ships, as in tests/test_tokenizer.py) and transformers' CLIPTextModel.
-
-Noise: ldm draws image i's noise on the CPU from `torch.Generator().manual_seed(seed + i)`. txt2img hands the
-same unit-variance draw to both as `latents=` (diffusers scales it by `init_noise_sigma` = 1 for DDIM). For
-img2img, diffusers is given `generator=torch.Generator().manual_seed(seed)`; it draws the VAE posterior sample
-and then the starting noise from it, in the same order and shapes as ldm, so nothing is patched.
-
-img2img conventions, which agree: both run the last int(strength · steps) steps of the grid (diffusers
-`get_timesteps`, CompVis t_enc) and noise the clean latent to exactly the level of the first step run
-(diffusers `add_noise` at `timesteps[t_start]`; ldm x_0 + σ_start ε, the same point in VE scale). CompVis'
-`img2img.py` differs: it noises to the level one DDIM step higher than the first step it runs.
+A whole txt2img and img2img with ldm and with diffusers' `StableDiffusionPipeline` /
+`StableDiffusionImg2ImgPipeline` on the same seeded weights, DDIM schedule and noise, as a markdown table of the max
+abs difference of the decoded images in [0, 1] and of the final latents, fp32 on the CPU. The comparisons are those
+of `ldm.testing.pipeline_parity`, which `tests/test_pipeline.py` asserts on (max abs pixel difference <= 1e-3).
 
 `--full` adds the sd-v1 architecture at 256x256 (10 steps): about 10 minutes on 2 busy CPU cores.
-`tests/test_pipeline.py` asserts on the same functions (max abs pixel difference <= 1e-3).
 """
 from __future__ import annotations
 
 import argparse
-import atexit
 import platform
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [p for p in (str(ROOT / "tests"), str(ROOT)) if p not in sys.path]
+import diffusers
+import torch
+import transformers
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  # noqa: E402
-from PIL import Image  # noqa: E402
-from reference import (random_model, reference_text, reference_unet, reference_vae,  # noqa: E402
-                       write_clip_tokenizer_files)
-
-import ldm  # noqa: E402
-from ldm.config import ModelConfig  # noqa: E402
-from ldm.generation.pipeline import decode, img2img, txt2img  # noqa: E402
-from ldm.sampling.samplers import generators_for, randn  # noqa: E402
-from ldm.sampling.schedules import start_index, timesteps  # noqa: E402
-
-TOLERANCE = 1e-3  # max abs pixel difference in [0, 1], fp32 (the issue's figure)
-PROMPT, NEGATIVE = "a red circle on a blue background", "blurry, low quality"
-GUIDANCE = 7.5
-
-
-# --- the diffusers side ------------------------------------------------------------------------------------------
-
-@cache
-def _tokenizer_dir() -> Path:
-    """vocab.json and merges.txt for transformers' CLIPTokenizer (`reference.write_clip_tokenizer_files`), in a
-    temporary folder removed at exit."""
-    directory = Path(tempfile.mkdtemp(prefix="ldm-clip-tokenizer-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    return write_clip_tokenizer_files(directory)
-
-
-def clip_tokenizer(cfg: ModelConfig) -> transformers.CLIPTokenizer:
-    """SD1 pads with <|endoftext|>; SD2 (OpenCLIP) pads with id 0, which is "!" (diffusers' SD2 tokenizer config)."""
-    pad = {"pad_token": "!"} if cfg.text.pad_token == 0 else {}
-    return transformers.CLIPTokenizer.from_pretrained(str(_tokenizer_dir()), model_max_length=cfg.text.max_length,
-                                                      **pad)
-
-
-def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
-    """diffusers' DDIM as CompVis runs it: "leading" grid with offset 1, the last step to ᾱ_0, no clipping."""
-    s = cfg.schedule
-    return DDIMScheduler(num_train_timesteps=s.num_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
-                         beta_schedule=s.beta_schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                         prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon")
-
-
-@dataclass
-class Pipelines:
-    txt2img: StableDiffusionPipeline
-    img2img: StableDiffusionImg2ImgPipeline
-
-
-def diffusers_pipelines(cfg: ModelConfig, checkpoint: dict[str, torch.Tensor]) -> Pipelines:
-    parts = dict(vae=reference_vae(cfg, checkpoint), text_encoder=reference_text(cfg, checkpoint),
-                 tokenizer=clip_tokenizer(cfg), unet=reference_unet(cfg, checkpoint), scheduler=ddim_scheduler(cfg),
-                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipes = Pipelines(StableDiffusionPipeline(**parts), StableDiffusionImg2ImgPipeline(**parts))
-    for p in (pipes.txt2img, pipes.img2img):
-        p.set_progress_bar_config(disable=True)
-    return pipes
-
-
-@torch.no_grad()
-def _decode_reference(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
-    """diffusers' decode and `output_type="pt"` post-processing: (B, 3, H, W) in [0, 1]."""
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return (images / 2 + 0.5).clamp(0, 1)
-
-
-# --- comparisons -----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Parity:
-    case: str
-    pixel: float   # max |ours - diffusers| of the decoded images in [0, 1]
-    latent: float  # max |ours - diffusers| of the final latents (scaled, as the UNet sees them)
-    latent_scale: float  # max |diffusers latents|
-
-    @property
-    def ok(self) -> bool:
-        return self.pixel <= TOLERANCE
-
-
-def init_image(size: int, seed: int = 1) -> Image.Image:
-    """A seeded init image: a smooth gradient with noise, so the VAE sees structure at every scale."""
-    g = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(0, 1, size)
-    base = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
-                        1 - ramp[None, :].expand(size, size)], dim=-1)
-    pixels = (0.7 * base + 0.3 * torch.rand(size, size, 3, generator=g)) * 255
-    return Image.fromarray(pixels.round().to(torch.uint8).numpy())
-
-
-@torch.no_grad()
-def txt2img_parity(sd: ldm.StableDiffusion, pipes: Pipelines, *, size: int = 64, steps: int = 6, seed: int = 3,
-                   prompt: str = PROMPT, negative: str = NEGATIVE, guidance: float = GUIDANCE) -> Parity:
-    f = sd.config.vae.downsample_factor
-    noise = randn((sd.config.unet.in_channels, size // f, size // f), generators_for([seed]))
-    ours = txt2img(sd, prompt, negative_prompt=negative, steps=steps, guidance=guidance, sampler="ddim",
-                   width=size, height=size, seed=seed, latents=noise)
-    ref = pipes.txt2img(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                        height=size, width=size, latents=noise.clone(), output_type="latent").images
-    return _compare(f"{sd.config.name} txt2img", sd, ours.latents, pipes.txt2img, ref)
-
-
-@torch.no_grad()
-def img2img_parity(sd: ldm.StableDiffusion, pipes: Pipelines, *, strength: float = 0.5, size: int = 64,
-                   steps: int = 6, seed: int = 3, prompt: str = PROMPT, negative: str = NEGATIVE,
-                   guidance: float = GUIDANCE) -> Parity:
-    init = init_image(size)
-    ours = img2img(sd, init, prompt, negative_prompt=negative, strength=strength, steps=steps, guidance=guidance,
-                   sampler="ddim", seed=seed)
-    ref = pipes.img2img(prompt=prompt, negative_prompt=negative, image=init, strength=strength,
-                        num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                        generator=torch.Generator().manual_seed(seed)).images
-    return _compare(f"{sd.config.name} img2img strength {strength}", sd, ours.latents, pipes.img2img, ref)
-
-
-def _compare(case: str, sd: ldm.StableDiffusion, ours: torch.Tensor, pipe: StableDiffusionPipeline,
-             ref_latents: torch.Tensor) -> Parity:
-    ours_px = (decode(sd, ours) + 1) / 2
-    ref_px = _decode_reference(pipe, ref_latents)
-    return Parity(case, (ours_px - ref_px).abs().max().item(), (ours - ref_latents).abs().max().item(),
-                  ref_latents.abs().max().item())
-
-
-def first_timesteps(cfg: ModelConfig, steps: int, strength: float) -> tuple[int, int, int, int]:
-    """img2img: (ldm's first timestep, diffusers' first timestep, ldm's number of steps, diffusers' number).
-    ldm's come from the grid and `start_index` its sampler uses; diffusers' from its own `get_timesteps`."""
-    ours = timesteps("leading", steps, cfg.schedule.num_timesteps)[start_index(steps, strength):]
-    pipe = StableDiffusionImg2ImgPipeline.__new__(StableDiffusionImg2ImgPipeline)  # get_timesteps reads .scheduler
-    pipe.scheduler = ddim_scheduler(cfg)
-    pipe.scheduler.set_timesteps(steps)
-    theirs, n = StableDiffusionImg2ImgPipeline.get_timesteps(pipe, steps, strength, "cpu")
-    return int(ours[0]) if len(ours) else -1, int(theirs[0]) if len(theirs) else -1, len(ours), int(n)
+import ldm
+from ldm.testing.pipeline_parity import (GUIDANCE, TOLERANCE, diffusers_pipelines, first_timesteps, img2img_parity,
+                                         txt2img_parity)
+from ldm.testing.reference import random_model
 
 
 # --- report ----------------------------------------------------------------------------------------------------------

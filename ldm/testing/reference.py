@@ -1,4 +1,4 @@
-"""Independent references for the parity tests and `tools/parity_report.py`.
+"""Independent references for the parity tests and `tools/parity.py`.
 
 ldm's networks are compared with diffusers' `UNet2DConditionModel` and `AutoencoderKL` and transformers'
 `CLIPTextModel`, given the same weights. The weights cross over through diffusers' own original-to-diffusers
@@ -11,6 +11,9 @@ names differently from the original checkpoints fails loudly instead of being sk
     errors = compare_all(sd, checkpoint)       # [Error(component, rel, abs, scale), ...]
 
 Error metric: rel = max|ours - ref| / max|ref|, computed in float64.
+
+diffusers and transformers are imported inside the functions that build the references, so that importing this
+module (for `random_model`, say) costs no more than torch and ldm.
 """
 from __future__ import annotations
 
@@ -18,19 +21,19 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders import single_file_utils as sfu
-from diffusers.models.attention_processor import AttnProcessor
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import ldm
 from ldm.models.checkpoint import build_and_adopt
 from ldm.config import ModelConfig
 from ldm.models.tokenizer import find_vocab
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
 TOLERANCE = 1e-4  # relative error allowed in fp32 (the issue's figure)
 
@@ -119,6 +122,8 @@ def _heads_per_block(cfg: ModelConfig) -> list[int]:
 
 
 def reference_unet_config(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> dict[str, Any]:
+    from diffusers.loaders import single_file_utils as sfu
+
     config = sfu.create_unet_diffusers_config_from_ldm(original_config(cfg), checkpoint)
     # The creator assumes the CompVis constant of 32 groups and reads num_head_channels only for linear
     # projections (SD2); the tiny presets use 8 groups and a 16-wide head with 1x1-conv projections.
@@ -130,6 +135,8 @@ def reference_unet_config(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> di
 
 
 def reference_vae_config(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> dict[str, Any]:
+    from diffusers.loaders import single_file_utils as sfu
+
     config = sfu.create_vae_diffusers_config_from_ldm(original_config(cfg), checkpoint)
     config["norm_num_groups"] = cfg.vae.norm_groups
     config["sample_size"] = cfg.image_size
@@ -138,6 +145,9 @@ def reference_vae_config(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> dic
 
 def _adopt(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     """Strict load onto a meta-built model, sharing the checkpoint's storage (no copy of a 3 GB UNet)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+
     if isinstance(model, (UNet2DConditionModel, AutoencoderKL)):
         # diffusers' textbook attention (baddbmm, softmax), not the SDPA kernel ldm uses by default
         model.set_attn_processor(AttnProcessor())
@@ -149,6 +159,9 @@ def _adopt(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 
 
 def reference_unet(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
     config = reference_unet_config(cfg, checkpoint)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -156,6 +169,9 @@ def reference_unet(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> UNet2DCon
 
 
 def reference_vae(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+
     config = reference_vae_config(cfg, checkpoint)
     with torch.device("meta"):
         vae = AutoencoderKL(**config)
@@ -171,6 +187,8 @@ def reference_text_config(cfg: ModelConfig) -> CLIPTextConfig:
     """transformers' config for the text tower, written out here rather than taken from ldm. For SD2 it is what
     diffusers ships as stable-diffusion-2's text_encoder: GELU, and one layer fewer, because the penultimate
     block's output (then the final LayerNorm) is the conditioning."""
+    from transformers import CLIPTextConfig
+
     t = cfg.text
     layers = t.layers - (1 if t.layer == "penultimate" else 0)
     return CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.width * t.mlp_ratio,
@@ -181,6 +199,8 @@ def reference_text_config(cfg: ModelConfig) -> CLIPTextConfig:
 
 def convert_text(cfg: ModelConfig, checkpoint: dict[str, Tensor], text_model: CLIPTextModel) -> dict[str, Tensor]:
     """diffusers' conversion of the text encoder keys, made to fit transformers 5's CLIPTextModel."""
+    from diffusers.loaders import single_file_utils as sfu
+
     if cfg.text.kind == "open-clip":
         if cfg.text.layer == "penultimate":
             # diffusers drops block 23 of the 24-block ViT-H by name (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE); smaller
@@ -198,6 +218,8 @@ def convert_text(cfg: ModelConfig, checkpoint: dict[str, Tensor], text_model: CL
 
 
 def reference_text(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> CLIPTextModel:
+    from transformers import CLIPTextModel
+
     with torch.device("meta"):
         model = CLIPTextModel(reference_text_config(cfg))
     # the one non-persistent buffer, (1, 77) positions, as CLIPTextEmbeddings makes it
