@@ -25,9 +25,9 @@ run: install
 	$(VENV)/bin/ldm txt2img "large red circle on the left, blue background" --outdir outputs
 
 # Retrain the bundled model ldm/demo/ldm-demo-shapes.safetensors from scratch (~55 min on 2 CPU cores; see
-# tools/train_demo.py). Intermediate files go to runs/demo-shapes.
+# tools/demo.py train). Intermediate files go to runs/demo-shapes.
 demo-model: install
-	$(PY) tools/train_demo.py
+	$(PY) tools/demo.py train
 
 test: install
 	$(PY) -m pytest -q

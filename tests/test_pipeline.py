@@ -3,7 +3,7 @@ callbacks, seeds and batch invariance, the NaN guards and input validation. All 
 
 Parity: a whole txt2img and img2img against diffusers' `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline`
 with DDIM, the same weights and the same noise; the comparison functions live in ldm/testing/pipeline_parity.py, and
-`python tools/pipeline_parity.py` prints the same figures as a table.
+`python tools/parity.py pipeline` prints the same figures as a table.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ Where the algorithms coincide only under conditions, the cases say so:
 - diffusers' LMSDiscreteScheduler integrates its Lagrange polynomials with scipy's `quad`; scipy is not a test
   dependency, so `integrate` is replaced by Gauss–Legendre quadrature, exact for these polynomials.
 
-Run `python tools/sampler_report.py` for the table of errors.
+Run `python tools/parity.py samplers` for the table of errors.
 """
 from __future__ import annotations
 

@@ -165,15 +165,15 @@ def test_write_folder_refuses_a_non_empty_folder_and_overwrite_removes_only_its_
 
 
 def test_make_shapes_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
-    tool = load_tool("make_shapes")
+    tool = load_tool("demo")
     out = tmp_path / "d"
-    assert tool.main(["--out", str(out), "--n", "4", "--split", "heldout"]) == 0
+    assert tool.main(["make-shapes", "--out", str(out), "--n", "4", "--split", "heldout"]) == 0
     assert "wrote 4 images" in capsys.readouterr().out
     before = (out / "metadata.jsonl").read_bytes()
-    assert tool.main(["--out", str(out), "--n", "4", "--seed", "9"]) == 2
+    assert tool.main(["make-shapes", "--out", str(out), "--n", "4", "--seed", "9"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "metadata.jsonl").read_bytes() == before
-    assert tool.main(["--out", str(out), "--n", "4", "--seed", "9", "--force"]) == 0
+    assert tool.main(["make-shapes", "--out", str(out), "--n", "4", "--seed", "9", "--force"]) == 0
     assert (out / "metadata.jsonl").read_bytes() != before
 
 
@@ -238,14 +238,14 @@ def test_evaluate_calls_generate_in_batches_with_each_prompts_seed():
 
 
 def test_eval_shapes_dataset_mode_reports_100_percent(tmp_path, capsys):
-    tool = load_tool("eval_shapes")
-    assert tool.main(["--dataset", "--n-seen", "24", "--json", str(tmp_path / "s.json")]) == 0
+    tool = load_tool("demo")
+    assert tool.main(["eval", "--dataset", "--n-seen", "24", "--json", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
     assert "| shape | 100.0% | 100.0% | >= 90% | yes |" in out
     scores = json.loads((tmp_path / "s.json").read_text())
     assert scores["seen"]["n"] == 24 and scores["heldout"]["all"] == 1.0
     with pytest.raises(SystemExit) as e:
-        tool.main(["--help"])
+        tool.main(["eval", "--help"])
     assert e.value.code == 0
 
 

@@ -1,4 +1,4 @@
-"""Report helpers of `tools/bench.py` (and `tools/bench_train.py`): result tables, output comparisons, the
+"""Report helpers of `tools/bench.py` (load, txt2img and train): result tables, output comparisons, the
 machine and versions, and the sections of docs/benchmarks.md that `--write` replaces."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def load_table(rows: list[tuple[str, str, dict]]) -> str:
 TXT2IMG_TIMES = (("load", "load_s"), ("text encode", "text_s"), ("UNet step", "unet_s"), ("VAE decode", "vae_s"),
                  ("first txt2img", "first_txt2img_s"), ("txt2img", "txt2img_s"))
 ERRORS = (("text", "text rel err"), ("unet", "UNet step rel err"), ("vae", "VAE decode rel err"))
-PARITY_TOLERANCE = 1e-4  # fp32, relative (the issue's figure, as tests/reference.py)
+PARITY_TOLERANCE = 1e-4  # fp32, relative (the issue's figure, as ldm.testing.reference)
 
 
 @dataclass(frozen=True)

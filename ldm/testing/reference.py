@@ -227,6 +227,48 @@ def reference_text(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> CLIPTextM
     return _adopt(model, convert_text(cfg, checkpoint, model))
 
 
+# --- SD 1.5 in diffusers' format, offline ------------------------------------------------------------------------
+
+# The diffusers-format configs of the SD 1.5 repository (runwayml / stable-diffusion-v1-5), written locally so
+# that diffusers needs no hub access. The tokenizer, safety checker and feature extractor are not loaded (they
+# hold no weights of the single file; ldm builds its tokenizer lazily), so both loaders build the same three
+# networks from the same file. Read by tools/bench.py (load, txt2img) and tools/gpu.py (speed).
+SD15_DIFFUSERS_CONFIGS = {
+    "model_index.json": {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+        "feature_extractor": [None, None], "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": [None, None], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "requires_safety_checker": False,
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "clip_sample": False,
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+        "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "scaling_factor": 0.18215,
+    },
+    "text_encoder/config.json": {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+        "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+        "max_position_embeddings": 77, "projection_dim": 768, "vocab_size": 49408, "layer_norm_eps": 1e-05,
+        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    },
+}
+
+
 # --- the SD CLIP tokenizer, offline ------------------------------------------------------------------------------
 
 def write_clip_tokenizer_files(directory: Path) -> Path:

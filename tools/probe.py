@@ -1,0 +1,237 @@
+"""Small speed and memory probes behind figures in docs/benchmarks.md (not tests): one question each.
+
+    python tools/probe.py conv                                   # direct vs Winograd 3x3 convolutions, per shape
+    python tools/probe.py call-phases --size 256 --calls 3       # where a CPU txt2img call's time goes
+    python tools/probe.py vae-memory                             # VAE decode peak memory, untiled vs tiled
+
+`--help` after a subcommand says what it measures. The training-step speed is `python tools/bench.py train`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- conv: where Winograd pays -------------------------------------------------------------------------------------
+
+CONV_DOC = """\
+Where Winograd's 3x3 convolution (`ldm.accel.winograd`) pays on this CPU: one convolution at a time, oneDNN's
+direct convolution from a prepacked weight (what `ldm.accel.optimize.packed_weights` runs otherwise) against
+`winograd_conv3x3` from a cached transformed weight, fp32, channels-last input. Prints a markdown table (the one
+behind `ldm.accel.optimize.WINOGRAD_*`, docs/benchmarks.md, "Winograd convolutions and split wide convolutions").
+
+    python tools/probe.py conv                      # SD 1.5's shapes at 256 and 512 px
+    python tools/probe.py conv --shapes 2x640x640x32 1x512x512x128 --threads 2"""
+
+# batch x in channels x out channels x size: the UNet's levels with guidance (batch 2) and the VAE decoder's (1)
+SHAPES = ["2x320x320x64", "2x320x320x32", "2x960x320x32", "2x640x640x32", "2x1920x640x32", "2x640x640x48",
+          "2x1280x1280x16", "2x2560x1280x16", "2x1280x1280x8", "1x512x512x32", "1x512x512x128", "1x128x128x512"]
+
+
+def median_ms(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def cmd_conv(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.accel.winograd import winograd_conv3x3, winograd_weight
+
+    torch.set_num_threads(args.threads)
+    conv_args = [1, 1], [1, 1], [1, 1], 1  # padding, stride, dilation, groups
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.runs} calls after one\n")
+    print("| conv (in -> out @ size) | n | direct ms | Winograd ms | ratio | max rel err direct / Winograd |")
+    print("|---|---:|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    for shape in args.shapes:
+        n, c, o, size = (int(v) for v in shape.split("x"))
+        x = torch.randn(n, c, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(o, c, 3, 3, generator=g) / (3 * c ** 0.5), torch.randn(o, generator=g)
+        with torch.inference_mode():
+            packed = torch.ops.mkldnn._reorder_convolution_weight(w, *conv_args, list(x.shape))
+            u = winograd_weight(w)
+
+            def direct():
+                return torch.ops.mkldnn._convolution_pointwise(x, packed, b, *conv_args, "none", [], "")
+
+            def winograd():
+                return winograd_conv3x3(x, u, b)
+
+            ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1)
+            err = [((f().double() - ref).abs().max() / ref.abs().max()).item() for f in (direct, winograd)]
+            td, tw = median_ms(direct, args.runs), median_ms(winograd, args.runs)
+        print(f"| {c} -> {o} @ {size} | {n} | {td:.1f} | {tw:.1f} | {tw / td:.2f} | {err[0]:.1e} / {err[1]:.1e} |",
+              flush=True)
+    return 0
+
+
+# --- call-phases: where a txt2img call's time goes -----------------------------------------------------------------
+
+CALL_PHASES_DOC = """\
+Where the time of a whole CPU txt2img call goes: packing the weights, the first step, the later steps, the VAE
+decode and restoring the weights, for several calls of one process (the bench's random-weight SD 1.5 file).
+
+    python tools/probe.py call-phases --size 256 --calls 3            # a loaded (frozen) model: only call 0 packs
+    python tools/probe.py call-phases --size 256 --calls 3 --trainable # weights packed and restored in every call
+
+A measurement tool, not a test: it wraps ldm.accel.optimize's packing and restoring and
+ldm.generation.pipeline.decode with timers. Run `python tools/bench.py load` once first: it writes the checkpoint
+to .bench_cache/."""
+
+CHECKPOINT = ROOT / ".bench_cache" / "sd15-random-fp16.safetensors"
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+
+
+def timed(owner, name: str, totals: dict, key: str) -> None:
+    """Replace owner.name by a wrapper that adds its wall time to totals[key]."""
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - t0
+    setattr(owner, name, wrapper)
+
+
+def cmd_call_phases(args: argparse.Namespace) -> int:
+    if not CHECKPOINT.exists():
+        args.parser.error(f"{CHECKPOINT} is missing; run `python tools/bench.py load` once to write it")
+
+    import torch
+
+    import ldm
+    from ldm.accel import optimize
+    from ldm.generation import pipeline
+
+    torch.set_num_threads(args.threads)
+    sd = ldm.load(CHECKPOINT, dtype=torch.float32)
+    if args.trainable:
+        sd.requires_grad_(True)
+    totals = dict.fromkeys(("pack", "restore", "decode"), 0.0)
+    timed(optimize, "_packed", totals, "pack")  # the reorders into oneDNN's layout
+    timed(optimize, "_unpack", totals, "restore")
+    timed(pipeline, "decode", totals, "decode")
+    noise = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+    for call in range(args.calls):
+        totals.update(dict.fromkeys(totals, 0.0))
+        stamps = []
+        t0 = time.perf_counter()
+        pipeline.txt2img(sd, PROMPT, negative_prompt="", sampler="ddim", steps=args.steps, guidance=7.5,
+                         width=args.size, height=args.size, latents=noise,
+                         callback=lambda i, n, x: stamps.append(time.perf_counter()))
+        total = time.perf_counter() - t0
+        later = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else float("nan")
+        print(f"call {call}: {total:.2f} s; first step {stamps[0] - t0:.2f} s (packing in it {totals['pack']:.2f} s), "
+              f"later steps {later:.3f} s (median), decode {totals['decode']:.2f} s, "
+              f"restoring {totals['restore']:.2f} s", flush=True)
+    return 0
+
+
+# --- vae-memory: untiled vs tiled decode -----------------------------------------------------------------------------
+
+VAE_MEMORY_DOC = """\
+Peak memory and time of a VAE decode, untiled vs tiled (`ldm.models.tiling`), with the full-size SD VAE.
+
+    python tools/probe.py vae-memory                                  # 512 and 1024, untiled and tiled
+    python tools/probe.py vae-memory --cases 2048:tiled --tile-size 512
+
+Each case runs in a fresh subprocess (peak RSS is a per-process high-water mark): the SD 1.x VAE architecture
+(`preset("sd-v1").vae`) with random weights, fp32 on the CPU, one image of random latents. Peak RSS is the
+process's `ru_maxrss` after the decode, so it includes the interpreter, torch and the weights (`base`)."""
+
+DEFAULT_CASES = ["512:untiled", "512:tiled", "1024:untiled", "1024:tiled"]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB on Linux
+
+
+def run_case(size: int, mode: str, tile_size: int, threads: int) -> dict:
+    import torch
+
+    import ldm
+    from ldm.models.vae import AutoencoderKL
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(ldm.preset("sd-v1").vae).eval()
+    latents = torch.randn(1, 4, size // 8, size // 8)
+    base = peak_rss_gb()
+    start = time.perf_counter()
+    with torch.no_grad():
+        images = vae.decode(latents, tiled=mode == "tiled", tile_size=tile_size)
+    seconds = time.perf_counter() - start
+    assert images.shape == (1, 3, size, size) and torch.isfinite(images).all()
+    return {"size": size, "mode": mode, "tile_size": tile_size if mode == "tiled" else None, "threads": threads,
+            "seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2), "base_rss_gb": round(base, 2)}
+
+
+def cmd_vae_memory(args: argparse.Namespace) -> int:
+    if args.child:
+        size, mode = args.child.split(":")
+        print(json.dumps(run_case(int(size), mode, args.tile_size, args.threads)))
+        return 0
+    print(f"{'size':>6} {'mode':>8} {'seconds':>8} {'peak RSS GB':>12} {'(base GB)':>10}")
+    for case in args.cases:
+        out = subprocess.run([sys.executable, __file__, "vae-memory", "--child", case, "--tile-size",
+                              str(args.tile_size), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['size']:>6} {r['mode']:>8} {r['seconds']:>8} {r['peak_rss_gb']:>12} {r['base_rss_gb']:>10}",
+              flush=True)
+    return 0
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/probe.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("conv", help="direct vs Winograd 3x3 convolution per shape, markdown",
+                       description=CONV_DOC, formatter_class=raw)
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="NxINxOUTxSIZE")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_conv)
+
+    p = sub.add_parser("call-phases", help="packing, steps, decode and restoring in whole txt2img calls",
+                       description=CALL_PHASES_DOC, formatter_class=raw)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trainable", action="store_true", help="parameters require grad: no packed weights kept")
+    p.set_defaults(func=cmd_call_phases, parser=p)
+
+    p = sub.add_parser("vae-memory", help="VAE decode peak RSS and time, untiled vs tiled",
+                       description=VAE_MEMORY_DOC, formatter_class=raw)
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="SIZE:MODE, MODE untiled or tiled")
+    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one case, in this process
+    p.set_defaults(func=cmd_vae_memory)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
