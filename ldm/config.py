@@ -162,7 +162,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The bundled demo model (ldm/demo/ldm-demo-shapes.safetensors, `make demo-model`): an f=4 VAE (64 px ->
     # 16x16x4 latents, so a 16 px shape spans 4x4 latent pixels), a UNet with attention at 8x8 and 4x4 only (at
     # 16x16 it costs 60% more per step), and the tiny text encoder. scale_factor is measured on the trained VAE
-    # by tools/train_demo.py and stored in the checkpoint's config. Guided only above σ = 1: guidance at low
+    # by `tools/demo.py train` and stored in the checkpoint's config. Guided only above σ = 1: guidance at low
     # noise turns small squares into crosses (shape accuracy 84-89% at 7.5 everywhere, 96% with the interval:
     # README, "Demo model").
     "demo-shapes": ModelConfig(

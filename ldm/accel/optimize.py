@@ -62,7 +62,7 @@ UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `ups
 WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x3`, with its bias
 CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
 # Where fp32 and bf16 3x3 convolutions take Winograd's algorithm (`ldm.accel.winograd`) inside the block, measured on 2 cores
-# (docs/benchmarks.md, `tools/bench_conv.py`): inputs of 12 pixels a side or more (smaller ones waste much of their
+# (docs/benchmarks.md, `tools/probe.py conv`): inputs of 12 pixels a side or more (smaller ones waste much of their
 # tiles), 256 channels or more in and out (with fewer, the products are too small to outweigh the transforms), and
 # at least 2048 output pixels per call, so that the time saved is worth the cached weight (16/9 the plain one, kept
 # beside it): the UNet's 64 x 64 and 32 x 32 levels with guidance (SD 1.5 at 512 px: 0.42 GB) and the VAE
