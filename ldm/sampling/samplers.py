@@ -4,6 +4,9 @@ Every sampler has the signature
 
     sample_NAME(denoiser, x, sigmas, *, extra_args=None, callback=None, [eta=..., generators=...]) -> Tensor
 
+Each is written as a generator of its steps (`sample_NAME.steps(denoiser, x, sigmas, ...)` yields a `Step` per step
+and returns the last latent); the `sampler` decorator makes the function that runs them all.
+
 - `denoiser(x, sigma, **extra_args)` returns the x_0 prediction D(x, σ); x is in the variance-exploding
   parametrisation x = x_0 + σ ε of Karras et al. 2022 (EDM) and `sigma` has shape (B,). See `ldm.sampling.denoisers`.
 - `x` is the latent at σ = sigmas[0]; it is not modified. The return value is the latent at σ = sigmas[-1].
@@ -21,8 +24,10 @@ a VP latent x_t is the VE latent times sqrt(ᾱ_t) = 1 / sqrt(σ² + 1), and the
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -98,15 +103,46 @@ def _ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[
     return math.sqrt(sigma_next ** 2 - sigma_up ** 2), sigma_up
 
 
-def _report(callback: Callback | None, i: int, s: list[float], x: Tensor, denoised: Tensor) -> None:
-    if callback is not None:
-        callback({"i": i, "total": len(s) - 1, "sigma": s[i], "sigma_next": s[i + 1], "x": x, "denoised": denoised})
+@dataclass(frozen=True)
+class Step:
+    """What a sampler yields at step i of `total`, before its update: x at σ = sigma, and D(x, σ)."""
+    i: int
+    total: int
+    sigma: float
+    sigma_next: float
+    x: Tensor
+    denoised: Tensor
+
+
+Steps = Generator[Step, None, Tensor]  # yields a Step per step, returns the last latent
+
+
+def run_steps(steps: Steps, callback: Callback | None = None) -> Tensor:
+    """Runs a sampler's steps to the end; `callback`, if given, gets each step as a dict (k-diffusion's callback)."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as done:
+            return done.value
+        if callback is not None:
+            callback(dict(vars(step)))
+
+
+def sampler(steps_fn: Callable[..., Steps]) -> Callable[..., Tensor]:
+    """A sampler written as a generator of its steps -> the k-diffusion function `sample_NAME(denoiser, x, sigmas,
+    *, callback=None, ...)` that returns the last latent; the generator stays available as `.steps`."""
+    @functools.wraps(steps_fn)
+    def run(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, **kwargs) -> Tensor:
+        return run_steps(steps_fn(denoiser, x, sigmas, **kwargs), callback)
+    run.steps = steps_fn
+    return run
 
 
 # --- discrete-time samplers, written on σ -----------------------------------------------------------------
 
+@sampler
 def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Sequence[torch.Generator] | None = None,
-                extra_args: dict | None = None, callback: Callback | None = None) -> Tensor:
+                extra_args: dict | None = None) -> Steps:
     """Ancestral sampling of Ho et al. 2020 ("Denoising Diffusion Probabilistic Models"), Algorithm 2, with the
     posterior q(x_{t-1} | x_t, x_0) of eq. (6)-(7) and x_0 predicted by the model. On a strided grid this is
     DDPMScheduler with `variance_type="fixed_small"`. In VE variables (σ → σ_next) the posterior is Gaussian with
@@ -115,7 +151,7 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Se
     _check_generators("ddpm", x, generators, needed=len(s) > 1)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         ratio = (s[i + 1] / s[i]) ** 2
         x = denoised + ratio * (x - denoised)                                 # posterior mean μ̃_t, eq. (7)
         if s[i + 1] > 0:
@@ -123,9 +159,9 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Se
     return x
 
 
+@sampler
 def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 0.0,
-                generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None,
-                callback: Callback | None = None) -> Tensor:
+                generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None) -> Steps:
     """DDIM, Song et al. 2021 ("Denoising Diffusion Implicit Models"), eq. (12) with σ_t(η) of eq. (16). In VE
     variables eq. (12) reads x_next = x̂_0 + σ_down ε̂ + σ_up z with ε̂ = (x - x̂_0) / σ: for η = 0 it is Euler's
     method on the probability-flow ODE, for η = 1 it is DDPM. The CompVis grid stops at σ(t = 0), not 0."""
@@ -133,7 +169,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 0
     _check_generators("ddim", x, generators, needed=eta > 0 and len(s) > 1)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
         x = denoised + (sigma_down / s[i]) * (x - denoised)                  # "predicted x_0" + "direction to x_t"
         if sigma_up > 0:
@@ -141,8 +177,8 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 0
     return x
 
 
-def sample_plms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
-                callback: Callback | None = None) -> Tensor:
+@sampler
+def sample_plms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None) -> Steps:
     """PLMS, the pseudo linear multistep method of Liu et al. 2022 ("Pseudo Numerical Methods for Diffusion
     Models on Manifolds", §3), as in CompVis `PLMSSampler` and diffusers' PNDMScheduler(skip_prk_steps=True):
     fixed-step Adams–Bashforth combinations (orders 2, 3, 4) of the last ε predictions, each applied with the
@@ -153,7 +189,7 @@ def sample_plms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: di
     old_eps: list[Tensor] = []
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         eps = _to_d(x, s[i], denoised)
         dt = s[i + 1] - s[i]
         if not old_eps and s[i + 1] > 0:                                      # pseudo improved Euler
@@ -175,28 +211,28 @@ def sample_plms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: di
 
 # --- k-diffusion samplers ----------------------------------------------------------------------------------
 
-def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
-                 callback: Callback | None = None) -> Tensor:
+@sampler
+def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None) -> Steps:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, EDM Algorithm 1 without its second-order
     correction)."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         x = x + _to_d(x, s[i], denoised) * (s[i + 1] - s[i])
     return x
 
 
+@sampler
 def sample_euler_a(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0,
-                   generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None,
-                   callback: Callback | None = None) -> Tensor:
+                   generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None) -> Steps:
     """Euler ancestral (k-diffusion `sample_euler_ancestral`): an Euler step of the probability-flow ODE (EDM
     eq. 3) down to σ_down, then fresh noise of std σ_up, the DDPM posterior split of Ho et al. 2020 eq. (7)."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     _check_generators("euler_a", x, generators, needed=eta > 0 and len(s) > 1)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
         x = x + _to_d(x, s[i], denoised) * (sigma_down - s[i])
         if sigma_up > 0:
@@ -204,13 +240,13 @@ def sample_euler_a(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float 
     return x
 
 
-def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
-                callback: Callback | None = None) -> Tensor:
+@sampler
+def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None) -> Steps:
     """Heun's second-order method, Karras et al. 2022 (EDM) Algorithm 1; the last step to σ = 0 is Euler."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         d, dt = _to_d(x, s[i], denoised), s[i + 1] - s[i]
         if s[i + 1] == 0:
             x = x + d * dt
@@ -229,15 +265,15 @@ def _dpm2_step(denoiser: Denoiser, x: Tensor, d: Tensor, sigma: float, sigma_to:
     return x + d_2 * (sigma_to - sigma)
 
 
-def sample_dpm2(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
-                callback: Callback | None = None) -> Tensor:
+@sampler
+def sample_dpm2(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None) -> Steps:
     """DPM-Solver-2 (Lu et al. 2022, "DPM-Solver", Algorithm 1 with r1 = 1/2) in k-diffusion's σ form
     (`sample_dpm_2`, after EDM Algorithm 2): a midpoint step whose midpoint is the geometric mean of σ and
     σ_next. The last step to σ = 0 is Euler."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         d = _to_d(x, s[i], denoised)
         if s[i + 1] == 0:
             x = x + d * (s[i + 1] - s[i])
@@ -246,16 +282,16 @@ def sample_dpm2(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: di
     return x
 
 
+@sampler
 def sample_dpm2_a(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0,
-                  generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None,
-                  callback: Callback | None = None) -> Tensor:
+                  generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None) -> Steps:
     """Ancestral DPM-Solver-2 (k-diffusion `sample_dpm_2_ancestral`): a DPM-Solver-2 step (Lu et al. 2022,
     Algorithm 1, r1 = 1/2) down to σ_down, then fresh noise of std σ_up (Ho et al. 2020 eq. 7)."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     _check_generators("dpm2_a", x, generators, needed=eta > 0 and len(s) > 1)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
         d = _to_d(x, s[i], denoised)
         if sigma_down == 0:
@@ -278,8 +314,8 @@ def _lms_coefficient(s: list[float], i: int, j: int, order: int) -> float:
     return float(antiderivative(s[i + 1] - s[i]) - antiderivative(0.0))
 
 
-def sample_lms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, order: int = 4, extra_args: dict | None = None,
-               callback: Callback | None = None) -> Tensor:
+@sampler
+def sample_lms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, order: int = 4, extra_args: dict | None = None) -> Steps:
     """Linear multistep (k-diffusion `sample_lms`): the variable-step Adams–Bashforth method (Hairer, Nørsett &
     Wanner, "Solving Ordinary Differential Equations I", §III.5) of order `order` on the probability-flow ODE,
     integrating the Lagrange interpolant of the last `order` slopes over [σ_i, σ_{i+1}]. It starts with order 1
@@ -288,7 +324,7 @@ def sample_lms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, order: int = 4,
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         ds = (ds + [_to_d(x, s[i], denoised)])[-order:]
         cur_order = min(i + 1, order)
         coeffs = [_lms_coefficient(s, i, j, cur_order) for j in range(cur_order)]
@@ -296,9 +332,9 @@ def sample_lms(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, order: int = 4,
     return x
 
 
+@sampler
 def sample_dpmpp_2s_a(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0,
-                      generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None,
-                      callback: Callback | None = None) -> Tensor:
+                      generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None) -> Steps:
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022b, "DPM-Solver++", Algorithm 1 with r = 1/2; k-diffusion
     `sample_dpmpp_2s_ancestral`): a two-stage data-prediction step to σ_down, then noise of std σ_up. With
     η = 0 it is the deterministic DPM-Solver++(2S), diffusers' DPMSolverSinglestepScheduler(solver_order=2) on a
@@ -307,7 +343,7 @@ def sample_dpmpp_2s_a(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: flo
     _check_generators("dpmpp_2s_a", x, generators, needed=eta > 0 and len(s) > 1)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         sigma_down, sigma_up = _ancestral_step(s[i], s[i + 1], eta)
         if sigma_down == 0:
             x = x + _to_d(x, s[i], denoised) * (sigma_down - s[i])
@@ -322,9 +358,9 @@ def sample_dpmpp_2s_a(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: flo
     return x
 
 
+@sampler
 def sample_dpmpp_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0, r: float = 0.5,
-                     generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None,
-                     callback: Callback | None = None) -> Tensor:
+                     generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None) -> Steps:
     """Stochastic DPM-Solver++ (k-diffusion `sample_dpmpp_sde`): two ancestral data-prediction stages per step,
     to λ + r h and to λ + h, after DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1).
 
@@ -337,7 +373,7 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: floa
     fac = 1 / (2 * r)
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         if s[i + 1] == 0:
             x = x + _to_d(x, s[i], denoised) * (s[i + 1] - s[i])
             continue
@@ -362,15 +398,15 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: floa
     return x
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
-                    callback: Callback | None = None) -> Tensor:
+@sampler
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None) -> Steps:
     """DPM-Solver++(2M), Lu et al. 2022b ("DPM-Solver++"), Algorithm 2: a multistep exponential integrator in λ on
     the data prediction, first order on the first step and on the last step to σ = 0."""
     extra_args, s = extra_args or {}, _floats(sigmas)
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         if s[i + 1] == 0:
             x = denoised
             continue
@@ -384,9 +420,10 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args
     return x
 
 
+@sampler
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0,
                         solver_type: str = "midpoint", generators: Sequence[torch.Generator] | None = None,
-                        extra_args: dict | None = None, callback: Callback | None = None) -> Tensor:
+                        extra_args: dict | None = None) -> Steps:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, "DPM-Solver++": DPM-Solver++(2M) for the diffusion SDE, whose
     exponential integrator weights become 1 - e^{-2h}; k-diffusion `sample_dpmpp_2m_sde`, diffusers
     `algorithm_type="sde-dpmsolver++"`).
@@ -400,7 +437,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         if s[i + 1] == 0:
             x = denoised
             continue
@@ -420,9 +457,9 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
     return x
 
 
+@sampler
 def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0,
-                        generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None,
-                        callback: Callback | None = None) -> Tensor:
+                        generators: Sequence[torch.Generator] | None = None, extra_args: dict | None = None) -> Steps:
     """SDE-DPM-Solver++(3M) (the third-order multistep DPM-Solver++ of Lu et al. 2022b with SDE weights;
     k-diffusion `sample_dpmpp_3m_sde`). η = 0 is DPM-Solver++(3M); diffusers' DPMSolverMultistepScheduler
     (order 3, `solver_type="heun"`) matches it.
@@ -439,7 +476,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
     h_1 = h_2 = None
     for i in range(len(s) - 1):
         denoised = denoiser(x, _sigma(x, s[i]), **extra_args)
-        _report(callback, i, s, x, denoised)
+        yield Step(i, len(s) - 1, s[i], s[i + 1], x, denoised)
         if s[i + 1] == 0:
             x = denoised
             continue
@@ -475,13 +512,18 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def sample(denoiser: Denoiser, noise: Tensor, *, sampler: str = "euler_a", steps: int = 20,
-           schedule: SigmaSchedule | None = None, karras: bool = False, spacing: Spacing | None = None,
-           eta: float | None = None, generators: Sequence[torch.Generator] | None = None,
-           init_latent: Tensor | None = None, strength: float = 1.0, extra_args: dict | None = None,
-           callback: Callback | None = None) -> Tensor:
-    """Run `sampler` for `steps` steps from unit-variance `noise` (B, C, H, W) and return the final latent in
-    the model's own (VP) scale, x / sqrt(σ_last² + 1), which is x itself when the schedule ends at 0.
+def sample(denoiser: Denoiser, noise: Tensor, *, callback: Callback | None = None, **options) -> Tensor:
+    """`sample_steps` run to the end: the final latent; `callback`, if given, gets each step as a dict."""
+    return run_steps(sample_steps(denoiser, noise, **options), callback)
+
+
+def sample_steps(denoiser: Denoiser, noise: Tensor, *, sampler: str = "euler_a", steps: int = 20,
+                 schedule: SigmaSchedule | None = None, karras: bool = False, spacing: Spacing | None = None,
+                 eta: float | None = None, generators: Sequence[torch.Generator] | None = None,
+                 init_latent: Tensor | None = None, strength: float = 1.0, extra_args: dict | None = None) -> Steps:
+    """Run `sampler` for `steps` steps from unit-variance `noise` (B, C, H, W), yielding each `Step`, and return
+    the final latent in the model's own (VP) scale, x / sqrt(σ_last² + 1), which is x itself when the schedule
+    ends at 0. Nothing runs until the first step is asked for; closing the generator stops between two steps.
 
     - `sampler`: any name `resolve_sampler` accepts; an A1111 name may carry its schedule ("DPM++ 2M Karras").
     - `schedule`/`karras`: "discrete" (default), "karras" (also `karras=True`) or "exponential".
@@ -523,5 +565,5 @@ def sample(denoiser: Denoiser, noise: Tensor, *, sampler: str = "euler_a", steps
         kwargs["eta"] = eta
     if name in STOCHASTIC_SAMPLERS:
         kwargs["generators"] = generators
-    x = SAMPLERS[name](denoiser, x, sigmas, extra_args=extra_args, callback=callback, **kwargs)
+    x = yield from SAMPLERS[name].steps(denoiser, x, sigmas, extra_args=extra_args, **kwargs)
     return x / math.sqrt(float(sigmas[-1]) ** 2 + 1)

@@ -10,7 +10,7 @@ import ldm
 from ldm.accel import optimize
 from ldm.accel.ops import add_into, add_residual, silu
 from ldm.accel.optimize import for_inference
-from ldm.testing.reference import random_model
+from reference import random_model
 
 
 @pytest.fixture(scope="module", autouse=True)
