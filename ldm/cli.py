@@ -19,7 +19,8 @@ from typing import Any
 
 from ldm import __version__
 from ldm.demo import DEMO_CHECKPOINT
-from ldm.sampling.names import ETA_SAMPLERS, NAMES, infotext_name, resolve_sampler
+from ldm.generation.request import Generation, RequestError
+from ldm.sampling.names import ETA_SAMPLERS, NAMES, infotext_name
 
 # Commands defined in modules of their own, imported only when one of them is asked for (they import torch and the
 # training code): name -> (module, the line `ldm --help` shows).
@@ -29,15 +30,21 @@ MODULE_COMMANDS = {
     "export": ("ldm.training.export", "write a training run's checkpoint as a single-file model"),
 }
 
-# Defaults of the generation flags. They are applied last, after the values stored in a --from-png image, so
-# that flags given on the command line override the stored ones, and the stored ones override these.
-GEN_DEFAULTS: dict[str, Any] = {
-    "negative_prompt": "", "steps": 30, "sampler": "dpmpp_2m", "schedule": "karras", "scale": 7.5, "seed": None,
-    "width": None, "height": None, "n_samples": 1, "n_iter": 1, "precision": "auto", "device": "auto",
-    "attention": "sdpa", "clip_skip": 1, "eta": None, "strength": 0.75, "upcast_attention": False, "quiet": False,
-    "grid": False, "compile": False, "vae_tiling": False, "vae_tile_size": None, "vae_slicing": None, "attention_slicing": None,
-    "guidance_interval": None,  # None: the model's own (ldm.config.ModelConfig.guidance_interval)
+# The generation flags that set a field of the request (`ldm.generation.request.Generation`, whose field defaults
+# are the flags' defaults): flag destination -> field. A value stored in a --from-png image overrides the default,
+# and a flag given on the command line overrides both.
+REQUEST_FIELDS = {
+    "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
+    "scale": "guidance", "guidance_interval": "guidance_interval", "eta": "eta", "seed": "seed", "width": "width",
+    "height": "height", "n_samples": "batch_size", "clip_skip": "clip_skip", "strength": "strength",
+    "attention": "attention", "upcast_attention": "upcast_attention", "vae_tiling": "vae_tiling",
+    "vae_tile_size": "vae_tile_size", "vae_slicing": "vae_slicing", "attention_slicing": "attention_slicing",
 }
+FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img"}  # where not --FIELD
+# The other flags' defaults.
+CLI_DEFAULTS: dict[str, Any] = {"n_iter": 1, "precision": "auto", "device": "auto", "quiet": False, "grid": False,
+                                "compile": False}
+DEFAULT = Generation()
 
 
 # UNets below this size (the demo and test models) run single-threaded on CPU; set OMP_NUM_THREADS to override.
@@ -81,13 +88,13 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
                                              f"{DEMO_CHECKPOINT.name}")
     p.add_argument("--config", default=S, help="preset name or inference YAML (default: detected)")
     p.add_argument("--vae", default=S, help="a separate VAE file to use instead of the checkpoint's")
-    p.add_argument("--steps", type=int, default=S, help=f"sampling steps (default {GEN_DEFAULTS['steps']})")
+    p.add_argument("--steps", type=int, default=S, help=f"sampling steps (default {DEFAULT.steps})")
     p.add_argument("--sampler", default=S, help=f"{', '.join(NAMES)}, or an A1111 name such as "
-                   f"'{infotext_name('dpmpp_2m', 'karras')}' (default {GEN_DEFAULTS['sampler']})")
+                   f"'{infotext_name('dpmpp_2m', 'karras')}' (default {DEFAULT.sampler})")
     p.add_argument("--schedule", choices=["discrete", "karras", "exponential"], default=S,
-                   help="sigma schedule (default karras; ddim/plms/ddpm use discrete)")
+                   help=f"sigma schedule (default {DEFAULT.schedule}; ddim/plms/ddpm use discrete)")
     p.add_argument("--scale", "--cfg", dest="scale", type=float, default=S,
-                   help=f"classifier-free guidance scale (default {GEN_DEFAULTS['scale']})")
+                   help=f"classifier-free guidance scale (default {DEFAULT.guidance})")
     p.add_argument("--guidance-interval", dest="guidance_interval", nargs=2, metavar=("LO", "HI"), default=S,
                    help="guide only at noise levels LO < sigma <= HI (HI may be inf); '0 inf' guides every step. "
                         "Default: the model's own (the demo model: 1 inf; SD: every step)")
@@ -114,7 +121,8 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", default=S,
                    help="run the VAE in tiles: large images in little memory, exact and without seams")
     p.add_argument("--vae-tile-size", dest="vae_tile_size", type=int, default=S, metavar="PX",
-                   help="VAE tile side in pixels, a multiple of 8 (default 512); implies --vae-tiling")
+                   help=f"VAE tile side in pixels, a multiple of 8 (default {DEFAULT.vae_tile_size}); implies "
+                        "--vae-tiling")
     p.add_argument("--vae-slicing", dest="vae_slicing", action="store_true", default=S,
                    help="decode the images of a batch one at a time (always done on CPU)")
     p.add_argument("--attention-slicing", dest="attention_slicing", nargs="?", const="auto", default=S,
@@ -123,7 +131,7 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     if img2img:
         p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")
         p.add_argument("--strength", type=float, default=S,
-                       help="how much to change the image, in (0, 1]; 1 ignores it (default 0.75)")
+                       help=f"how much to change the image, in (0, 1]; 1 ignores it (default {DEFAULT.strength})")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -167,9 +175,12 @@ def command_of(argv: list[str]) -> str | None:
 # --- txt2img / img2img ---------------------------------------------------------------------------------------
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Command line > values stored in --from-png > defaults. Validates everything a user can get wrong."""
+    """The run a command line asks for: `request` (a Generation, without its prompt, which `prompts` hold) and the
+    command line's own options. Command line > values stored in --from-png > defaults. Every user mistake is a
+    UsageError here, before any work is done."""
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     stored: dict[str, Any] = {}
+    base = DEFAULT
     if "from_png" in given:
         from ldm.generation.images import read_png_params
 
@@ -177,36 +188,18 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         made_by = png.get("mode", "txt2img")
         if made_by != args.command:
             raise UsageError(f"{given['from_png']} was made by {made_by}; replay it with `ldm {made_by} --from-png`")
-        stored = png_to_options(png)
-    opts = {**GEN_DEFAULTS, **stored, **given}
+        try:
+            base = Generation.from_params(png)
+        except RequestError as e:
+            raise UsageError(f"{given['from_png']}: {e}") from None
+        stored = {"ckpt": png.get("ckpt"), "vae": png.get("vae"), "config": png.get("config"),
+                  "precision": png.get("precision"), "device": png.get("device_type"), "init_img": png.get("init_img"),
+                  "model_sha256_stored": png.get("model_sha256")}
+    opts = {**CLI_DEFAULTS, **{k: v for k, v in stored.items() if v is not None}, **given}
     opts["img2img"] = args.command == "img2img"
-    if "prompt_pos" in given and "prompt" in given:
-        raise UsageError("give the prompt either as an argument or with --prompt, not both")
-    prompt = given.get("prompt_pos", given.get("prompt", stored.get("prompt")))
-    if "from_file" in given:
-        if prompt is not None and ("prompt_pos" in given or "prompt" in given):
-            raise UsageError("give either a prompt or --from-file, not both")
-        path = Path(given["from_file"])
-        if not path.is_file():
-            raise UsageError(f"prompt file not found: {path}")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise UsageError(f"prompt file {path} is empty: write one prompt per line")
-    elif prompt is None:
-        raise UsageError("no prompt: give one as an argument, with --prompt, --from-file or --from-png")
-    else:
-        prompts = [prompt]
-    opts["prompts"] = prompts
-    check_numbers(opts)
-    try:
-        resolve_sampler(opts["sampler"])
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    ckpt = Path(opts.get("ckpt") or DEMO_CHECKPOINT)
-    if not ckpt.is_file():
-        hint = " (the bundled demo model is built by `make demo-model`)" if ckpt == DEMO_CHECKPOINT else ""
-        raise UsageError(f"checkpoint not found: {ckpt}{hint}")
-    opts["ckpt"] = str(ckpt)
+    opts["prompts"] = _prompts(given, base.prompt if "from_png" in given else None)
+    opts["request"] = _request(base, given)
+    opts["ckpt"] = str(_checkpoint(opts.get("ckpt")))
     for key in ("vae", "config"):
         value = opts.get(key)
         if value and (str(value).endswith((".yaml", ".yml", ".safetensors", ".ckpt", ".pt")) or os.sep in str(value)) \
@@ -218,9 +211,10 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         from ldm.generation.images import load_image
 
         try:
-            opts["init_image"] = load_image(opts["init_img"])
+            image = load_image(opts["init_img"])
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
+        opts["request"] = _checked(lambda: opts["request"].replace(init_image=image))
     from ldm.generation.images import check_outdir
 
     try:
@@ -230,37 +224,65 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def check_numbers(o: dict[str, Any]) -> None:
-    for key in ("width", "height"):
-        v = o.get(key)
-        if v is not None and (v < 8 or v % 8):
-            lo = max(8, v // 8 * 8)
-            raise UsageError(f"--{key} {v} is not a multiple of 8; use {lo} or {lo + 8}")
-    for key, low in (("steps", 1), ("n_samples", 1), ("n_iter", 1), ("clip_skip", 1)):
-        if o[key] < low:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least {low}, got {o[key]}")
-    for key in ("scale", "eta", "strength"):
-        if o[key] is not None and not math.isfinite(o[key]):
-            raise UsageError(f"--{key} must be a finite number, got {o[key]}")
-    if o["scale"] < 0:
-        raise UsageError(f"--scale must be >= 0, got {o['scale']}")
-    if o["seed"] is not None and not 0 <= o["seed"] < 2 ** 32:
-        raise UsageError(f"--seed must be in [0, 2**32), got {o['seed']}")
-    if not 0.0 < o["strength"] <= 1.0:
-        raise UsageError(f"--strength must be in (0, 1], got {o['strength']}")
-    if o["eta"] is not None and o["eta"] < 0:
-        raise UsageError(f"--eta must be >= 0, got {o['eta']}")
-    tile = o["vae_tile_size"]
-    if tile is not None and (tile < 8 or tile % 8):
-        raise UsageError(f"--vae-tile-size must be a positive multiple of 8, got {tile}")
-    o["attention_slicing"] = parse_attention_slicing(o["attention_slicing"])
-    if o["guidance_interval"] is not None:
+def _prompts(given: dict[str, Any], stored: str | None) -> list[str]:
+    """The prompts of the run: one per batch."""
+    if "prompt_pos" in given and "prompt" in given:
+        raise UsageError("give the prompt either as an argument or with --prompt, not both")
+    prompt = given.get("prompt_pos", given.get("prompt", stored))
+    if "from_file" not in given:
+        if prompt is None:
+            raise UsageError("no prompt: give one as an argument, with --prompt, --from-file or --from-png")
+        return [prompt]
+    if "prompt_pos" in given or "prompt" in given:
+        raise UsageError("give either a prompt or --from-file, not both")
+    path = Path(given["from_file"])
+    if not path.is_file():
+        raise UsageError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {path} is empty: write one prompt per line")
+    return prompts
+
+
+def _request(base: Generation, given: dict[str, Any]) -> Generation:
+    """`base` with the request fields given on the command line."""
+    changes = {field: given[flag] for flag, field in REQUEST_FIELDS.items() if flag in given}
+    if "attention_slicing" in changes:
+        changes["attention_slicing"] = parse_attention_slicing(changes["attention_slicing"])
+    if changes.get("vae_tile_size") is not None:
+        changes["vae_tiling"] = True
+    if "guidance_interval" in changes:
         from ldm.config import check_interval
 
         try:
-            o["guidance_interval"] = check_interval(o["guidance_interval"])
+            changes["guidance_interval"] = check_interval(changes["guidance_interval"])
         except ValueError as e:
             raise UsageError(f"--guidance-interval: {e}; e.g. --guidance-interval 1 inf") from None
+    return _checked(lambda: base.replace(**changes))
+
+
+def _checked(make):
+    """make(), a RequestError turned into a UsageError that names the flag instead of the field."""
+    try:
+        return make()
+    except RequestError as e:
+        raise UsageError(flag_message(e)) from None
+
+
+def flag_message(e: RequestError) -> str:
+    """A request error as the command line says it: the flag in place of the field that starts the message."""
+    text = str(e)
+    if text.startswith(e.field):
+        text = FLAGS.get(e.field, "--" + e.field.replace("_", "-")) + text[len(e.field):]
+    return text
+
+
+def _checkpoint(ckpt: str | None) -> Path:
+    path = Path(ckpt or DEMO_CHECKPOINT)
+    if not path.is_file():
+        hint = " (the bundled demo model is built by `make demo-model`)" if path == DEMO_CHECKPOINT else ""
+        raise UsageError(f"checkpoint not found: {path}{hint}")
+    return path
 
 
 def parse_attention_slicing(value: str | None) -> int | str | None:
@@ -270,24 +292,6 @@ def parse_attention_slicing(value: str | None) -> int | str | None:
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"--attention-slicing takes a positive number of query rows or 'auto', got {value!r}")
     return int(value)
-
-
-def png_to_options(p: dict[str, Any]) -> dict[str, Any]:
-    """Map the `ldm` PNG chunk back onto command-line options (one image: batch of 1, its own seed). The memory
-    options (vae_tiling, vae_slicing, attention_slicing) are not replayed: they fit the run to the machine that
-    made it and do not change the image beyond float rounding."""
-    out = {"prompt": p.get("prompt"), "negative_prompt": p.get("negative_prompt", ""), "steps": p.get("steps"),
-           "sampler": p.get("sampler"), "schedule": p.get("schedule"), "scale": p.get("guidance"),
-           "guidance_interval": p.get("guidance_interval"),
-           "seed": p.get("seed"), "width": p.get("width"), "height": p.get("height"), "eta": p.get("eta"),
-           "clip_skip": p.get("clip_skip", 1), "precision": p.get("precision"), "device": p.get("device_type"),
-           "attention": p.get("attention"), "upcast_attention": p.get("upcast_attention"),
-           "ckpt": p.get("ckpt"), "vae": p.get("vae"), "config": p.get("config"),
-           "strength": p.get("strength"), "init_img": p.get("init_img"), "n_samples": 1, "n_iter": 1,
-           "model_sha256_stored": p.get("model_sha256")}
-    if p.get("mode") == "img2img":  # the size the user asked for, not the init image's own (cropped) size
-        out["width"], out["height"] = p.get("requested_width"), p.get("requested_height")
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def choose_device(name: str) -> str:
@@ -317,10 +321,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ldm.models import attention
-    from ldm.models.checkpoint import load
     from ldm.generation.images import file_sha256, save_png
-    from ldm.generation.pipeline import NaNError, img2img, random_seed, txt2img
+    from ldm.generation.pipeline import Denoising, NaNError, random_seed
+    from ldm.models.checkpoint import load
 
     device = choose_device(opts["device"])
     precision, dtype = choose_dtype(opts["precision"], device)
@@ -329,10 +332,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     reason = emulated_bf16_reason(dtype, device)
     if reason is not None:
         raise UsageError(f"--precision {precision}: {reason}; use --precision fp32")
-    try:
-        attention.set_backend(opts["attention"], upcast=opts["upcast_attention"])
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if opts["compile"] and device == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
         raise UsageError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
     quiet = opts["quiet"]
@@ -355,57 +354,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not quiet:
         print(f"loaded {Path(opts['ckpt']).name} ({sd.config.name}, {sd.prediction}) on {device} {precision} "
               f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    seed = opts["seed"] if opts["seed"] is not None else random_seed()
+    request = opts["request"]
+    seed = request.seed if request.seed is not None else random_seed()
     written: list[Path] = []
     all_images = []
-    n = opts["n_samples"]
-    common = dict(negative_prompt=opts["negative_prompt"], steps=opts["steps"], guidance=opts["scale"],
-                  sampler=opts["sampler"], schedule=opts["schedule"], width=opts["width"], height=opts["height"],
-                  batch_size=n, clip_skip=opts["clip_skip"], eta=opts["eta"],
-                  guidance_interval=opts["guidance_interval"],
-                  vae_tiling=opts["vae_tiling"] or opts["vae_tile_size"] is not None,
-                  vae_slicing=opts["vae_slicing"], attention_slicing=opts["attention_slicing"])
-    if opts["vae_tile_size"] is not None:
-        common["vae_tile_size"] = opts["vae_tile_size"]
-    extra = {"ckpt": opts["ckpt"], "precision": precision, "device_type": device, "attention": opts["attention"],
-             "upcast_attention": opts["upcast_attention"], "vae": opts.get("vae"), "config": opts.get("config"),
-             "requested_width": opts["width"], "requested_height": opts["height"]}
+    extra = {"ckpt": opts["ckpt"], "precision": precision, "device_type": device, "vae": opts.get("vae"),
+             "config": opts.get("config")}
+    if opts["img2img"]:
+        extra.update(init_img=str(Path(opts["init_img"]).resolve()), init_img_sha256=file_sha256(opts["init_img"]))
     total_batches = len(opts["prompts"]) * opts["n_iter"]
     batch = 0
-    # the model is loaded frozen, so its CPU weights are packed by the first batch and kept for the next ones
-    # (`ldm.accel.optimize.for_inference`)
+    # an accelerated model packs its CPU weights in the first batch and keeps them for the next ones (`ldm.accel`)
     for prompt in opts["prompts"]:
         for _ in range(opts["n_iter"]):
-            # made at the first step, so that a request refused before sampling leaves no bar behind its error
-            bars: list = []
-
-            def progress(step: int, total: int, latents, desc=f"batch {batch + 1}/{total_batches}") -> None:
-                if not bars:
-                    bars.append(tqdm(total=total, desc=desc, unit="it", disable=quiet, file=sys.stderr, leave=False))
-                bars[0].update(step - bars[0].n)
-
+            run = Denoising(sd, _checked(lambda: request.replace(prompt=prompt, seed=seed)))
+            bar = None  # made at the first step, so that a request refused before sampling leaves no bar behind
             try:
-                if opts["img2img"]:
-                    result = img2img(sd, opts["init_image"], prompt, strength=opts["strength"], seed=seed,
-                                     callback=progress, **common)
-                    extra_img = {"init_img": str(Path(opts["init_img"]).resolve()),
-                                 "init_img_sha256": file_sha256(opts["init_img"])}
-                else:
-                    result = txt2img(sd, prompt, seed=seed, callback=progress, **common)
-                    extra_img = {}
+                for step in run:
+                    if bar is None:
+                        bar = tqdm(total=step.total, desc=f"batch {batch + 1}/{total_batches}", unit="it",
+                                   disable=quiet, file=sys.stderr, leave=False)
+                    bar.update(step.i + 1 - bar.n)
             except NaNError as e:
                 print(f"ldm {args.command}: error: {e}", file=sys.stderr)
                 return 1
+            except RequestError as e:
+                raise UsageError(flag_message(e)) from None
             finally:
-                for bar in bars:
+                if bar is not None:
                     bar.close()
+            result = run.result
             for i, image in enumerate(result.images):
-                params = {**result.image_params(i), **extra, **extra_img}
-                path = save_png(image, opts["outdir"], str(result.seeds[i]), params)
+                path = save_png(image, opts["outdir"], str(result.seeds[i]), {**result.image_params(i), **extra})
                 written.append(path)
                 all_images.append(image)
                 print(path)
-            seed = (seed + n) % 2 ** 32
+            seed = (seed + request.batch_size) % 2 ** 32
             batch += 1
     if opts["grid"] and all_images:
         from ldm.generation.images import make_grid

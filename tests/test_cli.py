@@ -267,22 +267,20 @@ def test_interrupted_save_leaves_only_complete_files(capsys, ckpt, tmp_path, mon
 def test_interrupted_sampling_leaves_only_complete_files(capsys, ckpt, tmp_path, monkeypatch):
     """Ctrl-C in the middle of the second batch's sampling: the first batch's files are complete, no other file
     exists."""
-    import ldm.generation.pipeline
+    from ldm.generation.pipeline import Denoising
 
-    real_txt2img = ldm.generation.pipeline.txt2img
+    real_next = Denoising.__next__
     batches = []
 
-    def txt2img_interrupted_in_batch_2(*args, callback, **kwargs):
-        batches.append(1)
+    def next_interrupted_in_batch_2(self):
+        if self not in batches:
+            batches.append(self)
+        step = real_next(self)
+        if len(batches) == 2 and step.i == 1:
+            raise KeyboardInterrupt
+        return step
 
-        def interrupt(step, total, latents):
-            callback(step, total, latents)
-            if len(batches) == 2 and step == 2:
-                raise KeyboardInterrupt
-
-        return real_txt2img(*args, callback=interrupt, **kwargs)
-
-    monkeypatch.setattr(ldm.generation.pipeline, "txt2img", txt2img_interrupted_in_batch_2)
+    monkeypatch.setattr(Denoising, "__next__", next_interrupted_in_batch_2)
     out = tmp_path / "out"
     code, _, stderr = txt2img(capsys, ckpt, out, "--seed", "1", "--n-samples", "2", "--n-iter", "2", "--steps", "3")
     assert code == 130 and "interrupted" in stderr and len(batches) == 2
@@ -310,7 +308,7 @@ def test_progress_bar_shows_its_rate_and_quiet_silences_it(capsys, ckpt, tmp_pat
 # --- NaN guards --------------------------------------------------------------------------------------------------
 
 def test_unet_nan_stops_with_a_clear_error_and_no_file(capsys, ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr("ldm.models.unet.UNetModel.forward", lambda self, x, t, context: torch.full_like(x, float("nan")))
+    monkeypatch.setattr("ldm.models.unet.UNetModel.__call__", lambda self, x, t, context: torch.full_like(x, float("nan")))
     code, stdout, stderr = txt2img(capsys, ckpt, tmp_path / "out", "--seed", "1")
     assert code == 1 and stdout == ""
     assert len(stderr.strip().splitlines()) == 1

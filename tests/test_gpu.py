@@ -21,7 +21,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-    attention.set_backend("sdpa", upcast=False)
 
 
 def unet_errors(name: str, dtype: torch.dtype):
@@ -67,12 +66,12 @@ def test_attention_backends_agree_on_gpu(backend):
     unet = sd.unet.cuda().half()
     x, t, ctx = (v.cuda() for v in reference.unet_inputs(cfg))
     with torch.no_grad():
-        attention.set_backend("sdpa")
-        base = unet(x.half(), t, ctx.half()).float()
-        attention.set_backend(backend)
-        other = unet(x.half(), t, ctx.half()).float()
-        attention.set_backend("sdpa", upcast=True)
-        upcast = unet(x.half(), t, ctx.half()).float()
+        with attention.options(backend="sdpa"):
+            base = unet(x.half(), t, ctx.half()).float()
+        with attention.options(backend=backend):
+            other = unet(x.half(), t, ctx.half()).float()
+        with attention.options(backend="sdpa", upcast=True):
+            upcast = unet(x.half(), t, ctx.half()).float()
     assert reference.error(backend, other, base).rel < 5e-3
     assert reference.error("upcast", upcast, base).rel < 5e-3
 

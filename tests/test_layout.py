@@ -91,3 +91,14 @@ def test_ldm_has_no_import_cycle():
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(
         " <-> ".join(c) + " (" + ", ".join(f"{a} -> {sorted(graph[a] & set(c))}" for a in c) + ")" for c in found)
+
+
+def test_the_networks_import_no_speed_request_or_training_code():
+    """The networks are plain model code; the CPU speed code (`ldm.accel`) is applied to them at the edge."""
+    modules = module_names()
+    for name in ("ldm.models.unet", "ldm.models.vae", "ldm.models.attention", "ldm.models.tiling",
+                 "ldm.models.text_encoder", "ldm.models.tokenizer"):
+        outside = {m for m in imports_of(name, modules[name], modules)
+                   if m.startswith(("ldm.accel", "ldm.generation", "ldm.training", "ldm.data"))}
+        assert not outside, f"{name} imports {sorted(outside)}"
+    assert "ldm.models.unet" in imports_of("ldm.accel.forwards", modules["ldm.accel.forwards"], modules)

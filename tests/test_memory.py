@@ -4,6 +4,8 @@ image. The VAE is the tiny preset's (four levels, f = 8, 1x1 shortcuts where the
 weights, and tiles small enough to give several tiles per axis at every level, the last ones smaller."""
 from __future__ import annotations
 
+import threading
+
 import json
 
 import numpy as np
@@ -157,31 +159,52 @@ def test_sliced_attention_equals_unsliced(qkv, monkeypatch, backend, slice_size)
     torch.testing.assert_close(sliced, full, rtol=0, atol=1e-6)
 
 
-def test_process_wide_slicing_and_per_call_override(qkv, monkeypatch):
+def test_slicing_for_a_block_and_per_call_override(qkv, monkeypatch):
     seen = []
     attend = attention._attend
     monkeypatch.setattr(attention, "_attend", lambda q, k, v, b: seen.append(q.shape[2]) or attend(q, k, v, b))
     with attention.slicing(16):
-        assert attention.get_slicing() == 16
+        assert attention.current().slice_size == 16
         attention.attention(*qkv, heads=2)
         attention.attention(*qkv, heads=2, slice_size=30)
-    assert attention.get_slicing() is None
+    assert attention.current().slice_size is None
     assert seen == [16, 16, 5, 30, 7]
+
+
+def test_attention_settings_hold_only_in_the_thread_that_set_them():
+    """Two requests in one process (a server's threads) do not see each other's backend, upcast or slicing."""
+    entered, looked = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_request():
+        entered.wait()
+        seen["other"] = attention.current()
+        looked.set()
+
+    thread = threading.Thread(target=other_request)
+    thread.start()
+    with attention.options(backend="math", upcast=True, slice_size=4):
+        entered.set()
+        looked.wait()
+        seen["here"] = attention.current()
+    thread.join()
+    assert seen["other"] == attention.AttentionOptions() == attention.current()
+    assert seen["here"] == attention.AttentionOptions("math", True, 4)
 
 
 def test_slicing_is_restored_after_an_error():
     with pytest.raises(RuntimeError), attention.slicing(8):
         raise RuntimeError
-    assert attention.get_slicing() is None
+    assert attention.current().slice_size is None
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "half"])
 def test_bad_slice_size(bad, qkv):
     with pytest.raises(ValueError, match="slice size"):
-        attention.set_slicing(bad)
+        attention.check_slice_size(bad)
     with pytest.raises(ValueError, match="slice size"):
         attention.attention(*qkv, heads=2, slice_size=bad)
-    assert attention.get_slicing() is None
+    assert attention.current().slice_size is None
 
 
 # --- pipeline and CLI ----------------------------------------------------------------------------------------------
@@ -198,7 +221,7 @@ def test_memory_options_leave_the_image_as_it_is(tiny):
         out = txt2img(tiny, "a prompt", **kwargs, **options)
         torch.testing.assert_close(out.latents, base.latents, rtol=0, atol=1e-4 * base.latents.abs().max().item())
         assert np.abs(pixels_of(out) - pixels_of(base)).max() <= 1, options  # at most float rounding
-    assert attention.get_slicing() is None
+    assert attention.current().slice_size is None
     assert (out.params["vae_tiling"], out.params["vae_slicing"], out.params["attention_slicing"]) == (512, True, "auto")
 
 
@@ -218,16 +241,16 @@ def test_attention_slicing_is_for_the_call_only(tiny, monkeypatch):
     attend = attention._attend
     monkeypatch.setattr(attention, "_attend", lambda q, k, v, b: seen.append(q.shape[2]) or attend(q, k, v, b))
     txt2img(tiny, "x", steps=1, width=64, height=64, seed=5, attention_slicing=3)
-    assert seen and max(seen) == 3 and attention.get_slicing() is None
+    assert seen and max(seen) == 3 and attention.current().slice_size is None
     with pytest.raises(ValueError, match="latents must have shape"):  # an error inside the call
         txt2img(tiny, "x", steps=1, width=64, height=64, seed=5, attention_slicing=3, latents=torch.zeros(1, 4, 2, 2))
-    assert attention.get_slicing() is None
+    assert attention.current().slice_size is None
 
 
 @pytest.mark.parametrize("kwargs", [{"attention_slicing": 0}, {"vae_tile_size": 4, "vae_tiling": True}])
 def test_pipeline_rejects_bad_memory_options_before_sampling(tiny, kwargs, monkeypatch):
     monkeypatch.setattr(tiny.unet, "forward", lambda *a: pytest.fail("sampled"))
-    with pytest.raises(ValueError, match="slice size|tile size"):
+    with pytest.raises(ValueError, match="attention_slicing|vae_tile_size"):
         txt2img(tiny, "x", steps=1, width=64, height=64, seed=5, **kwargs)
 
 
@@ -257,7 +280,7 @@ def test_cli_memory_flags_are_recorded_but_not_replayed(ckpt, tmp_path, monkeypa
 @pytest.mark.parametrize("args, message", [
     (["--attention-slicing", "0"], "--attention-slicing takes a positive number"),
     (["--attention-slicing", "many"], "got 'many'"),
-    (["--vae-tile-size", "100"], "--vae-tile-size must be a positive multiple of 8"),
+    (["--vae-tile-size", "100"], "--vae-tile-size 100 is not a multiple of 8; use 96 or 104"),
     (["--vae-tile-size", "0", "--vae-tiling"], "--vae-tile-size"),
 ])
 def test_cli_rejects_bad_memory_flags(ckpt, tmp_path, capsys, args, message):

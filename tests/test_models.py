@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ldm
+from ldm import accel
 from ldm.models.checkpoint import expected_shapes
 from ldm.config import PRESETS, load_config, preset
 from ldm.testing.reference import random_model
@@ -61,14 +62,19 @@ def test_tiny_forward_shapes(name):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-v2"])
 @pytest.mark.parametrize("attention", [(1, 2), (2,), ()])
-def test_unet_shares_latents_across_contexts(name, attention):
-    """k * B contexts for B latents give the result of the latents repeated k times; the layers before the first
+def test_an_accelerated_unet_shares_latents_across_contexts(name, attention):
+    """Accelerated (`ldm.accel`): k * B contexts for B latents give the result of the latents repeated k times; the
+    plain UNet refuses them. The layers before the first
     cross-attention run on the B latents only (for the tiny presets' (2,), conv_in and a whole level of skips;
     without any transformer, the whole UNet)."""
     cfg = preset(name)
     cfg = cfg.replace(unet=dataclasses.replace(cfg.unet, attention_resolutions=attention))
     sd, _ = random_model(cfg)
     g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(6, 77, cfg.unet.context_dim, generator=g)
+    with pytest.raises(ValueError, match="give one context per latent"):
+        sd.unet(x, torch.tensor([10, 700]), context)
+    accel.accelerate(sd)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
     context = torch.randn(6, 77, cfg.unet.context_dim, generator=g)
     batches = []

@@ -321,14 +321,14 @@ def test_the_cli_help_lists_the_tables_samplers():
     import contextlib
     import io
 
-    from ldm.cli import GEN_DEFAULTS, build_parser
+    from ldm.cli import DEFAULT, build_parser
     from ldm.sampling.names import NAMES
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         build_parser("txt2img").parse_args(["txt2img", "--help"])
     text = " ".join(out.getvalue().split())
-    assert ", ".join(NAMES) in text and f"(default {GEN_DEFAULTS['sampler']})" in text
+    assert ", ".join(NAMES) in text and f"(default {DEFAULT.sampler})" in text
     assert "noise scale of " + ", ".join(n for n in NAMES if n in ETA_SAMPLERS) in text
     assert isinstance(build_parser(), argparse.ArgumentParser)
 

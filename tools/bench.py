@@ -311,7 +311,7 @@ def _loader(variant: Variant, spec: dict, device, dtype) -> Callable[[], object]
 
 
 def _ldm_case(sd, size: int, steps: int) -> Case:
-    from ldm.accel.optimize import release_derived_weights, sampling_memory
+    from ldm import accel
     from ldm.generation.pipeline import decode, txt2img
 
     def whole(noise):
@@ -321,12 +321,12 @@ def _ldm_case(sd, size: int, steps: int) -> Case:
     def image(result):  # txt2img returns 8-bit images: decode its final latents again, as it did, in float
         return ((decode(sd, result.latents) + 1) / 2)[0].permute(1, 2, 0)
 
-    def stepping(x):  # as ldm's sampling loop runs (ldm.generation.pipeline.generate)
-        return sampling_memory(sd.unet, x.shape[0], *x.shape[2:], x.device)
+    def stepping(x):  # as ldm's sampling loop runs (ldm.generation.pipeline._denoise)
+        return accel.sampling(sd.unet, x.shape[0], *x.shape[2:])
 
     def vae(z):  # as ldm.generation.pipeline.decode: the decoder's derived weights are made and released in each call
         images = sd.vae.decode(z)
-        release_derived_weights(sd.vae)
+        accel.release(sd.vae)
         return images
 
     return Case(text=lambda: sd.encode_prompt([PROMPT]), unet=lambda x, t, c: sd.unet(x, t, c),
@@ -398,9 +398,10 @@ def child_txt2img(spec: dict) -> dict:
     t = torch.full((2,), TIMESTEP, device=device)
     z = torch.randn(1, LATENT_CHANNELS, h, h, generator=g).to(device, dtype)  # the VAE decode's latents
     timings, outputs, first_call = {}, {}, []
-    # ldm's parts run as its pipeline runs them (on CPU: prepacked weights, see ldm.accel.optimize.for_inference)
+    # ldm's parts run on the model as `ldm.load` returns it: accelerated (`ldm.accel`), its weights packed by the
+    # first txt2img on CPU
     def inference():
-        return importlib.import_module("ldm.accel.optimize").for_inference(model) if variant.impl == "ldm" else nullcontext()
+        return nullcontext()
 
     phase_peaks = {}  # the peak RSS of each phase (VmHWM, reset between them), to tell where the peak comes from
 
@@ -462,9 +463,7 @@ def child_train(device: str, batch: int, resolution: int, precision: str, checkp
     torch.manual_seed(0)
     unet = UNetModel(cfg.unet).to(dev).train()
     unet.gradient_checkpointing = checkpointing
-    s = cfg.schedule
-    buffers = {k: v.to(dev) for k, v in schedule_buffers(s.num_timesteps, s.beta_start, s.beta_end,
-                                                         s.beta_schedule).items()}
+    buffers = {k: v.to(dev) for k, v in schedule_buffers(cfg.schedule).items()}
     optimizer = make_optimizer([{"params": list(unet.parameters()), "lr": 1e-5}], OptimConfig(optimizer="adamw"), dev)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")

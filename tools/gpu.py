@@ -100,8 +100,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         sys.exit("gpu.py check needs a CUDA device")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"diffusers {__import__('diffusers').__version__}, ldm {ldm.__version__}")
-    attention.set_backend("sdpa")
-    with torch.no_grad():
+    with torch.no_grad(), attention.options(backend="sdpa"):
         for name in args.presets:
             check_report(name, args.size, args.compile)
     return 0

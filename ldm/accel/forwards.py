@@ -1,18 +1,34 @@
-"""Elementwise steps shared by the UNet and the VAE that work in place at inference.
+"""The accelerated forwards of the UNet's and the VAE's blocks: the plain forwards of `ldm.models` with in-place
+sums and activations, shared-latent guidance and the cheaper nearest x2 upsampling, installed on a model's blocks
+by `ldm.accel.accelerate` (as instance attributes: the classes keep their plain forwards).
 
-At 512x512 and beyond an activation is tens to hundreds of MB, and a fresh tensor of that size is fresh memory
-for the kernel to fault in: SiLU and residual sums written into a tensor that nobody else reads save one such
-allocation each (SD 1.5 on 2 CPU cores: UNet step -5%, VAE decode -7 to -12%; docs/benchmarks.md). Every
-result equals the out-of-place expression to the bit, memory layout included (the layout decides the rounding of
-the next convolution, and `make demo-model` must give the shipped file): with grad enabled they are the
-out-of-place expressions, operands in the same order; in place, only where the target already has the layout
-that `a + b` would give.
+In place. At 512x512 and beyond an activation is tens to hundreds of MB, and a fresh tensor of that size is fresh
+memory for the kernel to fault in: SiLU and residual sums written into a tensor that nobody else reads save one
+such allocation each (SD 1.5 on 2 CPU cores: UNet step -5%, VAE decode -7 to -12%; docs/benchmarks.md). Every
+result equals the plain expression to the bit, memory layout included (the layout decides the rounding of the next
+convolution): with grad enabled they are the plain expressions, operands in the same order; in place, only where
+the target already has the layout that `a + b` would give.
+
+Shared latents. An accelerated UNet also takes k * B contexts for B latents (k prompts per latent, e.g. the
+[uncond, cond] pair of classifier-free guidance) and returns k * B rows, the same as for the latents repeated k
+times (`torch.cat([x] * k)`) up to float rounding; but the layers before the first cross-attention (conv_in, the
+first ResBlocks, the first self-attention: ~3% of SD's work) run once per latent instead of k times. The batch
+grows where the latents first meet the context (`repeat_batch`).
+
+Upsampling. Where the convolution after a nearest x2 upsampling computes from packed weights, it runs as four 2x2
+convolutions of the small input (`ldm.accel.optimize.upsample_conv`, 4/9 of the work).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ldm.accel.optimize import single_pass, upsample_conv
+from ldm.models import unet, vae
+from ldm.models.unet import timestep_embedding
 
 
 def add_residual(a: Tensor, b: Tensor) -> Tensor:
@@ -29,6 +45,11 @@ def add_into(a: Tensor, b: Tensor) -> Tensor:
     return a + b if torch.is_grad_enabled() else a.add_(b)
 
 
+def silu(x: Tensor) -> Tensor:
+    """F.silu, in place at inference: x must be fresh (a GroupNorm output), never a shared input."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 def repeat_batch(x: Tensor, n: int) -> Tensor:
     """x (B, ...) as a batch of n = k * B: k copies of it one after the other, as `torch.cat([x] * k)` (which
     keeps x's memory layout); x itself when B == n."""
@@ -40,13 +61,130 @@ def repeat_batch(x: Tensor, n: int) -> Tensor:
     return torch.cat([x] * (n // b))
 
 
-def silu(x: Tensor) -> Tensor:
-    """F.silu, in place at inference: x must be fresh (a GroupNorm output), never a shared input."""
-    return F.silu(x, inplace=not torch.is_grad_enabled())
+# --- UNet (ldm.models.unet) ---------------------------------------------------------------------------------
+
+def unet_resblock(self: unet.ResBlock, x: Tensor, emb: Tensor) -> Tensor:
+    norm1, _, conv1 = self.in_layers
+    norm2, _, dropout, conv2 = self.out_layers
+    h = conv1(silu(norm1(x)))                                                  # (B, C_out, H, W)
+    h = add_into(h, self.emb_layers(emb).type(h.dtype)[:, :, None, None])   # emb is shared: not in place
+    return add_residual(self.skip_connection(x), conv2(dropout(silu(norm2(h)))))
 
 
-class SiLU(nn.SiLU):
-    """nn.SiLU computed by `silu` (for nn.Sequential stacks whose indices are checkpoint keys)."""
+def geglu(self: unet.GEGLU, x: Tensor) -> Tensor:
+    x, gate = self.proj(x).chunk(2, dim=-1)
+    if torch.is_grad_enabled():
+        return x * F.gelu(gate)
+    return F.gelu(gate).mul_(x)  # the product into gelu's fresh output
 
-    def forward(self, x: Tensor) -> Tensor:
-        return silu(x)
+
+def transformer_block(self: unet.BasicTransformerBlock, x: Tensor, context: Tensor) -> Tensor:
+    x = add_residual(x, self.attn1(self.norm1(x)))
+    x = repeat_batch(x, context.shape[0])  # shared latents meet their k contexts here
+    x = add_residual(x, self.attn2(self.norm2(x), context))
+    return add_residual(x, self.ff(self.norm3(x)))
+
+
+def spatial_transformer(self: unet.SpatialTransformer, x: Tensor, context: Tensor) -> Tensor:
+    _, _, h, w = x.shape
+    x_in = x
+    x = self.norm(x)
+    if not self.use_linear:
+        x = self.proj_in(x)
+    x = x.flatten(2).transpose(1, 2)                  # (B, N, C)
+    if self.use_linear:
+        x = self.proj_in(x)
+    for block in self.transformer_blocks:
+        x = block(x, context)                         # (k * B, N, C)
+    if self.use_linear:
+        x = self.proj_out(x)
+    x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+    if not self.use_linear:
+        x = self.proj_out(x)
+    return add_into(x, repeat_batch(x_in, x.shape[0]))
+
+
+def unet_upsample(self: unet.Upsample, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
+        return upsample_conv(self.conv, x)
+    return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+def timestep_sequential(self: unet.TimestepEmbedSequential, x: Tensor, emb: Tensor, context: Tensor,
+                        size: tuple[int, int] | None = None) -> Tensor:
+    for layer in self:
+        if isinstance(layer, unet.ResBlock):
+            x = layer(x, repeat_batch(emb, x.shape[0]))
+        elif isinstance(layer, unet.SpatialTransformer):
+            x = layer(x, context)
+        elif isinstance(layer, unet.Upsample):
+            x = layer(x, size)
+        else:
+            x = layer(x)
+    return x
+
+
+def unet_model(self: unet.UNetModel, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+    """UNetModel.forward for B latents and k * B contexts (shared latents); (k * B, 4, H, W)."""
+    self.check_inputs(x, context)
+    if context.shape[0] % x.shape[0]:
+        raise ValueError(f"UNet got {x.shape[0]} latents for {context.shape[0]} contexts; the contexts must be as "
+                         "many as the latents or a multiple of them (latents shared by several prompts)")
+    timesteps = self.timesteps_for(x, timesteps)
+    dtype = self.time_embed[0].weight.dtype
+    emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
+    h, context = x.to(dtype), context.to(dtype)
+    skips = []
+    for block in self.input_blocks:
+        h = self._run(block, h, emb, context)
+        skips.append(h)
+    h = self._run(self.middle_block, h, emb, context)
+    for block in self.output_blocks:
+        h = torch.cat([h, repeat_batch(skips.pop(), h.shape[0])], dim=1)
+        size = tuple(skips[-1].shape[-2:]) if skips else None
+        h = self._run(block, h, emb, context, size)
+    norm, _, conv = self.out
+    # packed CPU convolutions return channels-last tensors; give callers a plain one
+    return repeat_batch(conv(silu(norm(h))).to(x.dtype).contiguous(), context.shape[0])
+
+
+# --- VAE (ldm.models.vae) -------------------------------------------------------------------------------------
+
+def vae_resblock(self: vae.ResnetBlock, x: Tensor) -> Tensor:
+    h = self.conv1(silu(self.norm1(x)))
+    h = self.conv2(silu(self.norm2(h)))
+    return add_into(h, x if self.nin_shortcut is None else self.nin_shortcut(x))
+
+
+def vae_attention(self: vae.AttnBlock, x: Tensor) -> Tensor:
+    return add_residual(x, self.proj_out(self.attend(self.norm(x))))
+
+
+def vae_upsample(self: vae.Upsample, x: Tensor) -> Tensor:
+    return upsample_conv(self.conv, x)
+
+
+def encoder(self: vae.Encoder, x: Tensor) -> Tensor:
+    with single_pass():  # each layer runs once: its derived weights are made, used and freed
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(silu(self.norm_out(self.mid(h))))
+
+
+def decoder(self: vae.Decoder, z: Tensor) -> Tensor:
+    with single_pass():
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(silu(self.norm_out(h)))
+
+
+# block class -> its accelerated forward
+FORWARDS: dict[type[nn.Module], Callable[..., Tensor]] = {
+    unet.ResBlock: unet_resblock, unet.GEGLU: geglu, unet.BasicTransformerBlock: transformer_block,
+    unet.SpatialTransformer: spatial_transformer, unet.Upsample: unet_upsample,
+    unet.TimestepEmbedSequential: timestep_sequential, unet.UNetModel: unet_model,
+    vae.ResnetBlock: vae_resblock, vae.AttnBlock: vae_attention, vae.Upsample: vae_upsample,
+    vae.Encoder: encoder, vae.Decoder: decoder,
+}

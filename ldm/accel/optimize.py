@@ -15,10 +15,10 @@ While packed, a module's `weight` is a placeholder (`PackedWeight`) with the rig
 no data of its own: reading its shape, dtype or device costs nothing, and any other use of it (`state_dict()`,
 arithmetic, `.to()`, an optimizer, `requires_grad_()`) first gives the layer its plain weight back, bit for bit,
 so nothing outside ldm's packed forward can see the placeholder. A call the packed weight cannot serve
-(autograd, another device or dtype) does the same and computes from the plain weight. The pipeline packs for
-the duration of each txt2img/img2img call on CPU; a frozen model (no parameter requires grad, as `ldm.load`
-returns it) keeps its packed weights after the call (`for_inference`), so that only a process's first call
-pays for packing them (SD 1.5, 2 cores: ~2-3 s to pack, ~1.5 s to restore per call, docs/benchmarks.md).
+(autograd, another device or dtype) does the same and computes from the plain weight. `mark_for_packing` (what
+`ldm.accel.accelerate` uses) marks the layers for good: each packs at its first call and again after such a
+restore, so that only a model's first call pays for packing (SD 1.5, 2 cores: ~2-3 s; docs/benchmarks.md).
+Packing and restoring a layer hold a lock, so two threads running one model pack each layer once.
 
 Upsampling (CPU, inside the block): `upsample_conv` computes the nearest x2 upsampling and 3x3 convolution of
 the UNet and the VAE as four 2x2 convolutions of the small input, 4/9 of the work (SD 1.5 at 512 px: VAE decode
@@ -32,7 +32,7 @@ ends, and the VAE decoder's 512- and 256-channel convolutions, each made, used a
 Convolutions of more than SPLIT_CHANNELS input channels run in pieces. SD 1.5 at 512 px, 2 cores: UNet step -13%,
 VAE decode -10%.
 
-Kept heap memory (CPU, glibc): `keep_freed_memory`, entered by the pipeline around its sampling loop, keeps the
+Kept heap memory (CPU, glibc): `keep_freed_memory`, entered around an accelerated model's sampling loop, keeps the
 memory each UNet step frees for the next step instead of returning it to the kernel, which would fault it in
 afresh (~1 GB per SD 1.5 step at 512 px).
 
@@ -60,7 +60,7 @@ from ldm.accel.winograd import winograd_conv3x3, winograd_weight, workspace
 PACKED_ATTR = "_ldm_packed"  # the packed weight; for a conv split by input channels, a tuple of packed pieces
 UPSAMPLE_ATTR = "_ldm_packed_upsample"  # a conv's packed phase weights for `upsample_conv`, with their bias
 WINOGRAD_ATTR = "_ldm_winograd"  # a conv's Winograd weight for `winograd_conv3x3`, with its bias
-CPU_PREPACK = True  # whether `for_inference` (so every txt2img/img2img on CPU) packs weights
+KEEP_ATTR = "_ldm_keep_packed"  # on a layer `mark_for_packing` marked: it packs again after a restore
 # Where fp32 and bf16 3x3 convolutions take Winograd's algorithm (`ldm.accel.winograd`) inside the block, measured on 2 cores
 # (docs/benchmarks.md, `tools/probe.py conv`): inputs of 12 pixels a side or more (smaller ones waste much of their
 # tiles), 256 channels or more in and out (with fewer, the products are too small to outweigh the transforms), and
@@ -82,7 +82,9 @@ SPLIT_CHANNELS = 1280
 # large blocks (mmap threshold: at most 32 MiB; trim threshold: twice that)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_SETTLED_MMAP, _GLIBC_SETTLED_TRIM = 32 << 20, 64 << 20
-_kept_depth = 0  # open keep_freed_memory blocks
+_LOCK = threading.RLock()  # packing and restoring a layer
+_heap = {"depth": 0, "largest": 0}  # open keep_freed_memory blocks in the process, the largest size they keep
+_HEAP_LOCK = threading.Lock()
 _single_pass = threading.local()  # depth: open single_pass blocks in this thread
 
 
@@ -142,7 +144,7 @@ def _owner(w: PackedWeight) -> nn.Module:
 
 
 def _restore_owner(w: PackedWeight) -> None:
-    _unpack(_owner(w))
+    _restore(_owner(w))
 
 
 def _eligible(self: nn.Module, x: Tensor) -> bool:
@@ -153,13 +155,18 @@ def _eligible(self: nn.Module, x: Tensor) -> bool:
     dtype = self.weight.dtype if packed is None else _pieces(packed)[0].dtype
     return (x.device.type == "cpu" and self.weight.device.type == "cpu" and x.dtype == dtype
             and onednn_supports(dtype)
-            and not (torch.is_grad_enabled() and x.requires_grad))
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
 
 def _packed(self: nn.Module, reorder) -> Tensor:
     """The packed weight, made on the first call (oneDNN picks its layout for the input shape it sees)."""
     packed = self.__dict__[PACKED_ATTR]
-    if packed is None:
+    if packed is not None:
+        return packed
+    with _LOCK:  # two threads making the same layer's first call pack it once
+        packed = self.__dict__[PACKED_ATTR]
+        if packed is not None:
+            return packed
         packed = self.__dict__[PACKED_ATTR] = reorder(self.weight.detach())
         # frees the plain weight (unless something else holds it, e.g. a memory-mapped file)
         w = self.weight
@@ -167,7 +174,7 @@ def _packed(self: nn.Module, reorder) -> Tensor:
         w.__dict__["_ldm_class"] = type(w)
         w.__dict__["_ldm_layer"] = weakref.ref(self)
         w.__class__ = PackedWeight
-    return packed
+        return packed
 
 
 def _pieces(packed: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -183,10 +190,10 @@ def _to_dense(packed: Tensor | tuple[Tensor, ...]) -> Tensor:
 
 def _plain(self: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """The plain weight and bias for x: on x's device and in its dtype, or, under autograd, the Parameters
-    themselves. A packed layer gets its plain weight back for good: this call is one the packed weight cannot
-    serve (autograd, another device or dtype)."""
+    themselves. A packed layer gets its plain weight back: this call is one the packed weight cannot serve
+    (autograd, another device or dtype)."""
     if PACKED_ATTR in self.__dict__:
-        _unpack(self)
+        _restore(self)
     if torch.is_grad_enabled():
         return self.weight, self.bias
     return self.weight.to(x.device, x.dtype), _bias(self, x)
@@ -370,6 +377,18 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return out
 
 
+def mark_for_packing(model: nn.Module) -> int:
+    """`model`'s CPU Conv2d/Linear layers compute from prepacked weights from now on: each packs at its first call
+    the packed weight can serve, and packs again after a use that gave it its plain weight back (`_restore`), until
+    `unpack_weights`. Returns how many layers it marked (0 off CPU or where oneDNN cannot compute their dtype)."""
+    if not mkldnn_available():
+        return 0
+    layers = [m for m in model.modules() if _pack(m) or PACKED_ATTR in m.__dict__]
+    for m in layers:
+        m.__dict__[KEEP_ATTR] = True
+    return len(layers)
+
+
 def _pack(m: nn.Module) -> bool:
     # exact types only: subclasses such as nn.MultiheadAttention's out_proj are used through their weight
     if type(m) not in (nn.Conv2d, nn.Linear) or PACKED_ATTR in m.__dict__:
@@ -384,16 +403,31 @@ def _pack(m: nn.Module) -> bool:
     return True
 
 
+def _restore(m: nn.Module) -> None:
+    """m back to its plain weight, bit for bit, in the same Parameter object. A layer marked for good
+    (`mark_for_packing`) packs again at its next call the packed weight can serve; any other gets its own forward
+    again."""
+    with _LOCK:
+        _drop_derived(m)
+        if PACKED_ATTR not in m.__dict__:  # another thread restored it
+            return
+        # first: from here on a use of the weight does not come back here
+        packed = m.__dict__.pop(PACKED_ATTR)
+        if KEEP_ATTR in m.__dict__:
+            m.__dict__[PACKED_ATTR] = None
+        else:
+            del m.forward
+        w = m.weight
+        if type(w) is PackedWeight:  # back to a plain layout, in the weight's dtype and on its device
+            w.__class__ = w.__dict__.pop("_ldm_class")
+            del w.__dict__["_ldm_layer"]
+            w.data = _to_dense(packed).to(w.device, w.dtype)
+
+
 def _unpack(m: nn.Module) -> None:
-    """m back to its plain weight, bit for bit, in the same Parameter object; its own forward again."""
-    _drop_derived(m)
-    packed = m.__dict__.pop(PACKED_ATTR)  # first: from here on a use of the weight does not come back here
-    del m.forward
-    w = m.weight
-    if type(w) is PackedWeight:  # back to a plain layout, in the weight's dtype and on its device
-        w.__class__ = w.__dict__.pop("_ldm_class")
-        del w.__dict__["_ldm_layer"]
-        w.data = _to_dense(packed).to(w.device, w.dtype)
+    """m back to its plain weight, bit for bit, and its own forward, for good."""
+    m.__dict__.pop(KEEP_ATTR, None)
+    _restore(m)
 
 
 def unpack_weights(model: nn.Module) -> int:
@@ -469,26 +503,6 @@ def sampling_memory(unet: nn.Module, rows: int, h: int, w: int, device: torch.de
             release_derived_weights(unet)
 
 
-@contextlib.contextmanager
-def for_inference(sd) -> Iterator[None]:
-    """What a txt2img/img2img call runs under. On CPU: prepacked weights for the VAE and the UNet (a compiled
-    UNet packs its own). Not the text encoder: it runs twice per call on 77 tokens, which packing its weights and
-    restoring them cost more than it saves (SD 1.5, 2 cores: 0.22 s against 0.13 s plain). Calls inside an outer
-    `with for_inference(sd):` block share its packed weights: packing SD 1.5 and restoring it cost ~2 s per call
-    on 2 cores, paid once for all of them. A frozen model (no parameter requires grad: `ldm.load` returns one)
-    keeps them packed after the block (`packed_weights(keep=True)`), so that later calls pack nothing; a model
-    being trained gets its plain weights back after every call. Elsewhere nothing:
-    channels-last weights on CUDA were tried and not measurably faster on an H100 (docs/benchmarks.md); the eager
-    step there is bound by kernel launches, which `compile_unet` removes."""
-    with contextlib.ExitStack() as stack:
-        if CPU_PREPACK and sd.device.type == "cpu":
-            keep = not any(p.requires_grad for p in sd.parameters())
-            for part in (sd.vae, sd.unet):
-                if not is_compiled(part):
-                    stack.enter_context(packed_weights(part, keep=keep))
-        yield
-
-
 def compile_unet(unet: nn.Module, mode: str | None = "auto") -> nn.Module:
     """torch.compile the UNet in place (`nn.Module.compile`, so its state_dict keys are unchanged).
 
@@ -501,11 +515,8 @@ def compile_unet(unet: nn.Module, mode: str | None = "auto") -> nn.Module:
     cuda = next(unet.parameters()).device.type == "cuda"
     if mode == "auto":
         mode = "reduce-overhead" if cuda else None
-    if not cuda:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-    unet.compile(mode=mode, dynamic=False)
+    # CPU: inductor's freezing for this graph only (options apply to this compilation, not process-wide)
+    unet.compile(mode=mode, dynamic=False, options=None if cuda else {"freezing": True})
     return unet
 
 
@@ -555,20 +566,27 @@ def keep_freed_memory(largest: int, device: torch.device | str = "cpu") -> Itera
     the mmap threshold above the largest activation and the trim threshold above the step's working set lets
     every step reuse the previous one's memory. On exit the thresholds go back to the values glibc's dynamic
     ones settle at and the heap is trimmed (`malloc_trim`), so the memory kept is returned. Process-wide while it
-    lasts: other threads' allocations are kept alike. Nested blocks leave the settings to the outermost one."""
-    global _kept_depth
+    lasts: other threads' allocations are kept alike. Blocks open at once, nested or in other threads (two requests
+    of a server), share the settings: they keep the largest size any of them asks for, and the last one to close
+    restores glibc's."""
     libc = _glibc() if torch.device(device).type == "cpu" else None
-    if libc is None or _kept_depth:
-        yield libc is not None
+    if libc is None:
+        yield False
         return
-    # older glibc refuses mmap thresholds above 32 MiB (returns 0): then only the trim threshold is raised
-    libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(max(_GLIBC_SETTLED_MMAP, min(largest + largest // 4, 1 << 30))))
-    libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(max(1 << 29, min(12 * largest, 2**31 - 1))))
-    _kept_depth += 1
+    with _HEAP_LOCK:
+        _heap["depth"] += 1
+        if largest > _heap["largest"]:
+            _heap["largest"] = largest
+            # older glibc refuses mmap thresholds above 32 MiB (returns 0): then only the trim threshold is raised
+            libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(max(_GLIBC_SETTLED_MMAP, min(largest + largest // 4, 1 << 30))))
+            libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(max(1 << 29, min(12 * largest, 2**31 - 1))))
     try:
         yield True
     finally:
-        _kept_depth -= 1
-        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_MMAP))
-        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_TRIM))
-        trim_heap()
+        with _HEAP_LOCK:
+            _heap["depth"] -= 1
+            if not _heap["depth"]:
+                _heap["largest"] = 0
+                libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_MMAP))
+                libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_GLIBC_SETTLED_TRIM))
+                trim_heap()

@@ -1,7 +1,11 @@
-"""txt2img and img2img: text -> conditioning -> sampler over the UNet -> VAE decode.
+"""txt2img and img2img: a `Generation` request -> conditioning -> sampler over the UNet -> VAE decode.
 
-The pipeline only glues the pieces: `StableDiffusion` (networks), `denoisers.DiscreteDenoiser` (the UNet as
-D(x, σ)), `guidance.CFGDenoiser` (classifier-free guidance) and `samplers.sample` (the sampler loop).
+`Denoising` is the core both run on: it yields after every sampler step and can be cancelled between steps;
+`txt2img`, `img2img` and `generate` run it to the end. The pipeline only glues the pieces: `StableDiffusion`
+(networks), `denoisers.DiscreteDenoiser` (the UNet as D(x, σ)), `guidance.CFGDenoiser` (classifier-free guidance)
+and `samplers.sample_steps` (the sampler loop). The model is used as it is handed over: an accelerated one
+(`ldm.accel`, what `ldm.load` returns) runs its speed code, a plain one the plain networks; the pipeline changes
+neither.
 
 Seeds: image i of a call gets seed `seed + i` (AUTOMATIC1111's convention) and its own CPU generator, which draws
 its initial noise, its VAE posterior sample (img2img) and every ancestral/SDE noise of the sampler. So image i
@@ -14,11 +18,13 @@ computes attention a slice of query rows at a time (`ldm.models.attention`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
 import os
 import random
+import threading
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,21 +33,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm import __version__
-
-from ldm.models import attention
+from ldm import __version__, accel
+from ldm.accel.optimize import largest_activation
 from ldm.config import Interval, check_interval
+from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
+from ldm.generation.request import MAX_SEED, Generation, RequestError, check_size_multiple
+from ldm.models import attention
 from ldm.sampling.denoisers import DiscreteDenoiser
 from ldm.sampling.guidance import CFGDenoiser
-from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
-from ldm.accel.optimize import for_inference, largest_activation, release_derived_weights, sampling_memory
-from ldm.sampling.names import DISCRETE_SAMPLERS, STOCHASTIC_SAMPLERS, infotext_name, resolve_sampler
-from ldm.sampling.samplers import generators_for, randn, sample
+from ldm.sampling.names import STOCHASTIC_SAMPLERS
+from ldm.sampling.samplers import Step, generators_for, randn, sample_steps
 from ldm.sampling.schedules import alphas_cumprod_for
-from ldm.models.tiling import DEFAULT_TILE_SIZE, check_tile_size
 
 StepCallback = Callable[[int, int, Tensor], None]
-MAX_SEED = 2 ** 32 - 1
 
 
 class NaNError(RuntimeError):
@@ -50,12 +54,13 @@ class NaNError(RuntimeError):
 
 @dataclass
 class Result:
-    """The images of one call, each image's seed, and every parameter needed to make them again."""
+    """The images of one request, each image's seed, and every parameter needed to make them again."""
     images: list[Image.Image]
     seeds: list[int]
     prompts: list[str]
     params: dict[str, Any]
     latents: Tensor = field(repr=False)
+    request: Generation | None = field(default=None, repr=False)
 
     def image_params(self, i: int) -> dict[str, Any]:
         """The parameters that regenerate image i alone (its prompt and seed, batch size 1)."""
@@ -63,10 +68,8 @@ class Result:
 
 
 def check_size(width: int, height: int, multiple: int = 8) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if v < multiple or v % multiple:
-            lo = max(multiple, v // multiple * multiple)
-            raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {lo} or {lo + multiple}")
+    check_size_multiple("width", width, multiple)
+    check_size_multiple("height", height, multiple)
 
 
 def machine_memory(device: torch.device) -> int:
@@ -116,12 +119,6 @@ def check_memory(sd, width: int, height: int, images: int, unet_rows: int, vae_i
                      f"{fix}")
 
 
-def _check_fits(sd, width: int, height: int, images: int, guidance: float, invariant: bool,
-                memory: MemoryOptions) -> None:
-    check_memory(sd, width, height, images, rows_per_unet_call(images, invariant, guidance),
-                 1 if memory.image_by_image(invariant) else images, memory.tile_size)
-
-
 def rows_per_unet_call(images: int, image_by_image: bool, guidance: float) -> int:
     """Latents per UNet call of `generate`: one image's or the whole batch's, doubled by the unconditional pass."""
     return (1 if image_by_image else images) * (1 if guidance == 1.0 else 2)
@@ -135,32 +132,9 @@ def random_seed() -> int:
     return random.SystemRandom().randrange(MAX_SEED)
 
 
-def _as_list(prompt: str | Sequence[str], batch_size: int) -> list[str]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise ValueError("no prompt given")
-    return [p for p in prompts for _ in range(batch_size)]
-
-
-def _negatives(negative_prompt: str | Sequence[str], n: int, per_prompt: int) -> list[str]:
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
-    negatives = list(negative_prompt)
-    if len(negatives) * per_prompt != n:
-        raise ValueError(f"got {len(negatives)} negative prompts for {n // per_prompt} prompts")
-    return [p for p in negatives for _ in range(per_prompt)]
-
-
 def resolve_schedule(sampler: str, schedule: str | None) -> str:
-    """The σ schedule a call runs on. ddim, plms and ddpm always run on their own discrete timestep grid (CompVis,
-    diffusers and A1111 offer no "DDIM Karras"); an A1111 name that carries a schedule ("DPM++ 2M Exponential")
-    wins over `schedule`; otherwise `schedule`, "discrete" when None."""
-    name, alias_schedule = resolve_sampler(sampler)
-    if name in DISCRETE_SAMPLERS:
-        return "discrete"
-    return alias_schedule or schedule or "discrete"
+    """The σ schedule a request with this sampler and schedule runs on (`Generation.resolved_schedule`)."""
+    return Generation(sampler=sampler, schedule=schedule).resolved_schedule
 
 
 def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guidance_rescale: float = 0.0,
@@ -172,10 +146,11 @@ def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guid
         out = unet(x, t, context)
         if not torch.isfinite(out).all():
             raise NaNError("the UNet produced NaN/Inf values (fp16 overflow?). Try --precision fp32, or keep "
-                           "attention in fp32 (--upcast-attention, or ldm.models.attention.set_backend(upcast=True))")
+                           "attention in fp32 (--upcast-attention, or Generation(upcast_attention=True))")
         return out
 
-    base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction, shares_latents=True)
+    base = DiscreteDenoiser(model_fn, alphas_cumprod_for(sd.config.schedule), sd.prediction,
+                            shares_latents=accel.shares_latents(unet))
     return CFGDenoiser(base, cond, uncond if guidance != 1.0 else None, guidance, guidance_rescale,
                        guidance_interval)
 
@@ -209,7 +184,7 @@ def decode(sd, latents: Tensor, nan_fallback: bool = True, image_by_image: bool 
         images = torch.cat([_decode(sd, z[None], nan_fallback, tile_size) for z in latents])
     else:
         images = _decode(sd, latents, nan_fallback, tile_size)
-    release_derived_weights(sd.vae)  # inside a packed block: not held through the next call's sampling
+    accel.release(sd.vae)  # not held through the next call's sampling
     return images
 
 
@@ -217,238 +192,191 @@ def _decode(sd, latents: Tensor, nan_fallback: bool, tile_size: int | None) -> T
     """Scaled latents -> images in [-1, 1]. If a half-precision decode gives NaN/Inf, decode again in fp32 (as
     A1111 does) with a one-line warning."""
 
-    def vae_decode(z: Tensor) -> Tensor:
-        return sd.vae.decode(z) if tile_size is None else sd.vae.decode(z, tiled=True, tile_size=tile_size)
-
-    images = vae_decode(latents / sd.scale_factor)
+    tiling = {} if tile_size is None else {"tiled": True, "tile_size": tile_size}
+    images = sd.vae.decode(latents / sd.scale_factor, **tiling)
     if nan_fallback and sd.vae.post_quant_conv.weight.dtype != torch.float32 and not torch.isfinite(images).all():
         warnings.warn("VAE decode produced NaN/Inf in half precision; decoding again in fp32", stacklevel=2)
-        vae_dtype = sd.vae.post_quant_conv.weight.dtype
-        sd.vae.float()
-        try:
-            images = vae_decode(latents.float() / sd.scale_factor)
-        finally:
-            sd.vae.to(vae_dtype)
+        # a copy in fp32: the model's own VAE may be serving other calls meanwhile
+        vae = copy.deepcopy(sd.vae).float()
+        images = vae.decode(latents.float() / sd.scale_factor, **tiling)
+        del vae
     return images.float().clamp(-1, 1)
 
 
-@dataclass(frozen=True)
-class MemoryOptions:
-    """How to spend less memory; none of them changes the image beyond float summation order.
-
-    `vae_tiling`: run the VAE in tiles of `vae_tile_size` pixels (exact and seam-free, see `ldm.models.tiling`).
-    `vae_slicing`: decode one image at a time (None: when the call is batch invariant, see `txt2img`).
-    `attention_slicing`: query rows per attention slice, "auto", or None to keep the process-wide setting."""
-    vae_tiling: bool = False
-    vae_tile_size: int = DEFAULT_TILE_SIZE
-    vae_slicing: bool | None = None
-    attention_slicing: attention.SliceSize = None
-
-    def check(self, sd) -> MemoryOptions:
-        """Raise ValueError for a bad value before any work is done."""
-        check_tile_size(self.vae_tile_size, sd.config.vae.downsample_factor)
-        attention.check_slice_size(self.attention_slicing)
-        return self
-
-    @property
-    def tile_size(self) -> int | None:
-        return self.vae_tile_size if self.vae_tiling else None
-
-    def image_by_image(self, batch_invariant: bool) -> bool:
-        return batch_invariant if self.vae_slicing is None else self.vae_slicing
-
-    def sliced_attention(self) -> AbstractContextManager:
-        """Attention slicing for the duration of a call, the previous setting restored after, even on error."""
-        return nullcontext() if self.attention_slicing is None else attention.slicing(self.attention_slicing)
-
-    def params(self, batch_invariant: bool) -> dict[str, Any]:
-        """What a PNG records: how the image was made (the CLI does not replay it, see `ldm.cli.png_to_options`)."""
-        return {"vae_tiling": self.tile_size, "vae_slicing": self.image_by_image(batch_invariant),
-                "attention_slicing": attention.get_slicing() if self.attention_slicing is None
-                else self.attention_slicing}
-
-
-@torch.no_grad()
-def generate(sd, prompts: list[str], negatives: list[str], *, steps: int, guidance: float, sampler: str,
-             schedule: str | None, width: int, height: int, seeds: list[int], clip_skip: int = 1,
-             eta: float | None = None, guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
-             init_latents: Tensor | None = None, strength: float = 1.0, noise: Tensor | None = None,
-             callback: StepCallback | None = None,
-             image_by_image: bool = True, generators: list[torch.Generator] | None = None) -> Tensor:
-    """The core shared by txt2img and img2img: returns the final scaled latents (B, 4, h, w).
-
-    `noise` is the unit-variance starting noise (default: drawn from each image's generator); `init_latents`
-    (img2img) are the scaled clean latents to noise to the level `strength` selects. `image_by_image` runs the
-    UNet on one image's guidance pair at a time (see `ImageByImage`). `generators` (default: fresh ones from
-    `seeds`) must be the ones that drew `noise`, so that the sampler's own noise continues their streams
-    instead of repeating the draws already used."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not guidance >= 0 or guidance == float("inf"):
-        raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance}")
-    if eta is not None and not 0 <= eta < float("inf"):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-    if init_latents is not None and int(strength * steps) < 1:
-        raise ValueError(f"strength {strength} with {steps} steps runs no step (int(strength * steps) = 0); "
-                         "raise the strength or the number of steps")
-    check_size(width, height, sd.config.vae.downsample_factor)
-    name, _ = resolve_sampler(sampler)
-    f = sd.config.vae.downsample_factor
-    shape = (sd.config.unet.in_channels, height // f, width // f)
-    generators = generators if generators is not None else generators_for(seeds)
-    if noise is None:
-        noise = randn(shape, generators, device=sd.device)
-    elif tuple(noise.shape) != (len(prompts), *shape):
-        raise ValueError(f"latents must have shape {(len(prompts), *shape)}, got {tuple(noise.shape)}")
-    cond = sd.encode_prompt(prompts, clip_skip=clip_skip)
-    uncond = sd.encode_prompt(negatives, clip_skip=clip_skip) if guidance != 1.0 else None
-    if image_by_image and len(prompts) > 1:
-        denoiser = ImageByImage([make_denoiser(sd, cond[i:i + 1], None if uncond is None else uncond[i:i + 1],
-                                               guidance, guidance_rescale, guidance_interval)
-                                 for i in range(len(prompts))])
-    else:
-        denoiser = make_denoiser(sd, cond, uncond, guidance, guidance_rescale, guidance_interval)
-
-    def on_step(info: dict) -> None:
-        if callback is not None:
-            callback(info["i"] + 1, info["total"], info["x"])
-
-    rows = rows_per_unet_call(len(prompts), image_by_image, guidance)
-    with sampling_memory(sd.unet, rows, *shape[1:], sd.device):
-        return sample(denoiser, noise.to(sd.device, torch.float32), sampler=sampler, steps=steps,
-                      schedule=resolve_schedule(sampler, schedule),
-                      eta=eta, generators=generators if name in STOCHASTIC_SAMPLERS else None,
-                      init_latent=init_latents, strength=strength, callback=on_step)
-
-
-def _params(sd, *, mode: str, sampler: str, schedule: str | None, steps: int, guidance: float, width: int,
-            height: int, negative_prompt: Any, clip_skip: int, eta: float | None, guidance_rescale: float,
-            guidance_interval: Interval | None, extra: dict[str, Any]) -> dict[str, Any]:
-    name, _ = resolve_sampler(sampler)
-    schedule = resolve_schedule(sampler, schedule)
-    return {
-        "mode": mode, "sampler": name, "schedule": schedule, "sampler_display": infotext_name(name, schedule),
-        "steps": steps, "guidance": guidance, "width": width, "height": height,
-        "negative_prompt": negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt),
-        "clip_skip": clip_skip, "eta": eta, "guidance_rescale": guidance_rescale,
-        "guidance_interval": None if guidance_interval is None else list(guidance_interval),
-        "model": getattr(sd, "source_name", sd.config.name), "model_sha256": getattr(sd, "source_sha256", None),
-        "prediction": sd.prediction, "dtype": str(sd.dtype).replace("torch.", ""), "device": str(sd.device),
-        "version": __version__, **extra,
-    }
-
+# --- the denoising core -------------------------------------------------------------------------------------------
 
 def model_interval(sd, interval: Interval | None) -> Interval | None:
     """The guidance interval asked for, or the model's own when None (checked: ValueError if invalid)."""
     return check_interval(sd.config.guidance_interval if interval is None else interval)
 
 
-def _batch_invariant(sd, flag: bool | None) -> bool:
-    return sd.device.type == "cpu" if flag is None else flag
+def _size(sd, request: Generation) -> tuple[int, int]:
+    """(width, height) of the request's images: as asked, else the model's native size (txt2img) or the init
+    image's own size rounded down to a multiple of the VAE's factor (img2img)."""
+    f = sd.config.vae.downsample_factor
+    image = request.init_image
+    if image is None:
+        size = request.width or sd.config.image_size, request.height or sd.config.image_size
+    elif isinstance(image, Image.Image):
+        try:
+            size = init_image_size(image.size, request.width, request.height, f)
+        except ValueError as e:
+            raise RequestError("init_image", str(e)) from None
+    else:
+        if image.ndim not in (3, 4) or image.shape[-3] != 3 or (image.ndim == 4 and image.shape[0] != 1):
+            raise RequestError("init_image", f"init_image takes one image, (3, H, W) or (1, 3, H, W), got shape "
+                                             f"{tuple(image.shape)}")
+        size = int(image.shape[-1]), int(image.shape[-2])
+    check_size(*size, f)
+    return size
 
 
-def _seeds(seed: int | None, n: int) -> list[int]:
-    seed = random_seed() if seed is None else int(seed)
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
-    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+def _pixels(sd, request: Generation) -> Tensor:
+    """The init image of an img2img request as (1, 3, H, W) in [-1, 1] at the size the request asks for."""
+    image = request.init_image
+    if isinstance(image, Image.Image):
+        return from_pil(fit_init_image(image, request.width, request.height, sd.config.vae.downsample_factor))
+    return image[None] if image.ndim == 3 else image
 
 
-def txt2img(sd, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "", steps: int = 30,
-            guidance: float = 7.5, sampler: str = "dpmpp_2m", schedule: str | None = "karras",
-            width: int | None = None, height: int | None = None, seed: int | None = None, batch_size: int = 1,
-            latents: Tensor | None = None, clip_skip: int = 1, eta: float | None = None,
-            guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
-            callback: StepCallback | None = None, batch_invariant: bool | None = None, vae_tiling: bool = False,
-            vae_tile_size: int = DEFAULT_TILE_SIZE, vae_slicing: bool | None = None,
-            attention_slicing: int | str | None = None) -> Result:
-    """Generate images from text. `prompt` may be a list (one image per prompt, times `batch_size`); image i gets
-    seed `seed + i`. `latents` (B, 4, h, w) replaces the initial unit-variance noise. `schedule` is the σ schedule
-    of the k-samplers (see `resolve_schedule`: ddim/plms/ddpm keep their discrete grid). `batch_invariant` (default:
-    on for CPU) runs the networks image by image so that a batch equals its images generated alone, bit for bit.
-    `guidance_interval` (lo, hi) applies guidance only at noise levels lo < σ <= hi (hi None: no bound; see
-    `ldm.sampling.guidance`); None takes the model's own (`config.guidance_interval`, None for SD: every step).
+class Denoising:
+    """One request run step by step: iterating yields the sampler's `Step` after each step (the latent x at σ, and
+    the model's x_0 prediction `denoised`, a preview); `result` holds the `Result` once the iteration ends.
 
-    Memory (see `MemoryOptions`): `vae_tiling` decodes in tiles of `vae_tile_size` pixels; `vae_slicing` decodes
-    one image at a time (default: when batch invariant); `attention_slicing` (query rows per slice, or "auto")
-    slices attention for this call only."""
-    memory = MemoryOptions(vae_tiling, vae_tile_size, vae_slicing, attention_slicing).check(sd)
-    interval = model_interval(sd, guidance_interval)
-    width = width or sd.config.image_size
-    height = height or sd.config.image_size
-    invariant = _batch_invariant(sd, batch_invariant)
-    prompts = _as_list(prompt, batch_size)
-    negatives = _negatives(negative_prompt, len(prompts), batch_size)
-    seeds = _seeds(seed, len(prompts))
-    check_size(width, height, sd.config.vae.downsample_factor)
-    _check_fits(sd, width, height, len(prompts), guidance, invariant, memory)
-    with memory.sliced_attention(), for_inference(sd):
-        out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                       width=width, height=height, seeds=seeds, clip_skip=clip_skip, eta=eta,
-                       guidance_rescale=guidance_rescale, guidance_interval=interval, noise=latents, callback=callback,
-                       image_by_image=invariant)
-        images = decode(sd, out, image_by_image=memory.image_by_image(invariant), tile_size=memory.tile_size)
-        params = _params(sd, mode="txt2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
-                         width=width, height=height, negative_prompt=negative_prompt, clip_skip=clip_skip, eta=eta,
-                         guidance_rescale=guidance_rescale, guidance_interval=interval,
-                         extra=memory.params(invariant))
-    params["batch_invariant"] = invariant
-    return Result(to_pil(images), seeds, prompts, params, out)
+        run = Denoising(sd, Generation("a red circle", steps=20))
+        for step in run:
+            bar.update(step.i + 1)
+        images = run.result.images
+
+    `cancel()`, from any thread, stops it before the next step: the iteration then ends, `cancelled` is True and
+    `result` None. Nothing runs until the first step is asked for. Each step runs without autograd and with the
+    request's attention settings, in a context of its own: between steps, the caller's thread has its own
+    settings, and a run may be resumed from another thread (a server's worker)."""
+
+    def __init__(self, sd, request: Generation):
+        self.request = request.check(sd)
+        self.result: Result | None = None
+        self.cancelled = False
+        self._cancel = threading.Event()
+        self._context = contextvars.copy_context()
+        self._steps = _denoise(sd, request)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Stops the run here and now, in the thread that drives it (`cancel` is for other threads): the run's
+        cleanup (kept heap memory, derived weights) happens in its own context. Also what an abandoned run gets."""
+        if self._steps is not None:
+            steps, self._steps = self._steps, None
+            self._context.run(steps.close)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Step]:
+        return self
+
+    def __next__(self) -> Step:
+        if self._steps is None:
+            raise StopIteration
+        if self._cancel.is_set():
+            self.close()
+            self.cancelled = True
+            raise StopIteration
+        try:
+            with torch.no_grad():
+                return self._context.run(next, self._steps)
+        except StopIteration as done:
+            self._steps, self.result = None, done.value
+            raise StopIteration from None
+        except BaseException:
+            self._steps = None
+            raise
 
 
-def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, strength: float = 0.75,
-            negative_prompt: str | Sequence[str] = "", steps: int = 30, guidance: float = 7.5,
-            sampler: str = "dpmpp_2m", schedule: str | None = "karras", width: int | None = None,
-            height: int | None = None, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-            eta: float | None = None, guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
-            callback: StepCallback | None = None, batch_invariant: bool | None = None, vae_tiling: bool = False,
-            vae_tile_size: int = DEFAULT_TILE_SIZE, vae_slicing: bool | None = None,
-            attention_slicing: int | str | None = None) -> Result:
+def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
+    """The core that txt2img and img2img share: prompts -> conditioning, (img2img) the init image -> latents, the
+    sampler's steps over the guided UNet, the VAE decode. Run by `Denoising`, which gives it its context."""
+    f = sd.config.vae.downsample_factor
+    invariant = sd.device.type == "cpu" if request.batch_invariant is None else request.batch_invariant
+    vae_by_image = invariant if request.vae_slicing is None else request.vae_slicing
+    prompts = request.prompts
+    seeds = request.seeds(random_seed() if request.seed is None else request.seed)
+    generators = generators_for(seeds)
+    interval = model_interval(sd, request.guidance_interval)
+    width, height = _size(sd, request)
+    check_memory(sd, width, height, len(prompts), rows_per_unet_call(len(prompts), invariant, request.guidance),
+                 1 if vae_by_image else len(prompts), request.tile_size)
+    settings = {"backend": request.attention, "upcast": request.upcast_attention}
+    if request.attention_slicing is not None:
+        settings["slice_size"] = request.attention_slicing
+    with attention.options(**settings) as used:
+        shape = (sd.config.vae.embed_dim, height // f, width // f)  # the latents' channels: the VAE's
+        init = None
+        if request.img2img:
+            posterior = sd.vae.encode(_pixels(sd, request).to(sd.device), tiled=request.vae_tiling, tile_size=request.vae_tile_size)
+            accel.release(sd.vae)  # the encoder's, not needed while sampling
+            # image i's posterior sample, then its starting noise, both from its own generator
+            eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
+            init = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor
+        if request.latents is None:
+            noise = randn(shape, generators, device=sd.device)
+        elif tuple(request.latents.shape) != (len(prompts), *shape):
+            raise RequestError("latents", f"latents must have shape {(len(prompts), *shape)}, got "
+                                          f"{tuple(request.latents.shape)}")
+        else:
+            noise = request.latents
+        denoiser = _guided_denoiser(sd, request, prompts, interval, invariant)
+        name = request.sampler_name
+        steps = sample_steps(denoiser, noise.to(sd.device, torch.float32), sampler=name, steps=request.steps,
+                             schedule=request.resolved_schedule, eta=request.eta,
+                             generators=generators if name in STOCHASTIC_SAMPLERS else None,
+                             init_latent=init, strength=request.strength if request.img2img else 1.0)
+        with accel.sampling(sd.unet, rows_per_unet_call(len(prompts), invariant, request.guidance), *shape[1:]):
+            latents = yield from steps
+        images = decode(sd, latents, image_by_image=vae_by_image, tile_size=request.tile_size)
+    params = {**request.params(), "width": int(width), "height": int(height), "guidance_interval":
+              None if interval is None else list(interval), "attention": used.backend,
+              "upcast_attention": used.upcast, "attention_slicing": used.slice_size, "vae_slicing": vae_by_image,
+              "batch_invariant": invariant, "model": getattr(sd, "source_name", sd.config.name),
+              "model_sha256": getattr(sd, "source_sha256", None), "prediction": sd.prediction,
+              "dtype": str(sd.dtype).replace("torch.", ""), "device": str(sd.device), "version": __version__}
+    return Result(to_pil(images), seeds, prompts, params, latents, request)
+
+
+def _guided_denoiser(sd, request: Generation, prompts: list[str], interval: Interval | None,
+                     image_by_image: bool):
+    """The UNet as a guided denoiser of the request's prompts, one image's guidance pair at a time if asked."""
+    guidance = request.guidance
+    cond = sd.encode_prompt(prompts, clip_skip=request.clip_skip)
+    uncond = sd.encode_prompt(request.negative_prompts, clip_skip=request.clip_skip) if guidance != 1.0 else None
+    if image_by_image and len(prompts) > 1:
+        return ImageByImage([make_denoiser(sd, cond[i:i + 1], None if uncond is None else uncond[i:i + 1], guidance,
+                                           request.guidance_rescale, interval) for i in range(len(prompts))])
+    return make_denoiser(sd, cond, uncond, guidance, request.guidance_rescale, interval)
+
+
+def generate(sd, request: Generation, callback: StepCallback | None = None) -> Result:
+    """Runs `request` to the end (`Denoising`); `callback(step, total, latents)` after each step."""
+    run = Denoising(sd, request)
+    for step in run:
+        if callback is not None:
+            callback(step.i + 1, step.total, step.x)
+    return run.result
+
+
+def txt2img(sd, prompt: str | Sequence[str], *, callback: StepCallback | None = None, **options: Any) -> Result:
+    """Images from text: `generate(sd, Generation(prompt, **options))`; the options are `Generation`'s fields."""
+    return generate(sd, Generation(prompt, **options), callback)
+
+
+def img2img(sd, image: Image.Image | Tensor, prompt: str | Sequence[str], *, callback: StepCallback | None = None,
+            **options: Any) -> Result:
     """Re-imagine `image`: encode it, noise it to the level set by `strength` and sample from there.
 
     The sampler runs the last int(strength * steps) steps of the schedule (CompVis), starting from the image's
     latent noised to the level of the first step it runs (as diffusers). Strength 1 runs every step from
-    x_0 + σ_max ε, so the image keeps a small weight (1 / σ_max ≈ 0.07), as in CompVis, diffusers and A1111. An image is taken at its own size rounded down to a multiple of 8 unless
-    width/height ask for another size (resized with Lanczos). A tensor image is (3, H, W) or (1, 3, H, W) in [-1, 1].
-    The memory and guidance options are those of `txt2img`; `vae_tiling` also encodes the init image in tiles.
-    """
-    memory = MemoryOptions(vae_tiling, vae_tile_size, vae_slicing, attention_slicing).check(sd)
-    interval = model_interval(sd, guidance_interval)
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    invariant = _batch_invariant(sd, batch_invariant)
-    prompts = _as_list(prompt, batch_size)
-    negatives = _negatives(negative_prompt, len(prompts), batch_size)
-    f = sd.config.vae.downsample_factor
-    if isinstance(image, Image.Image):
-        size = init_image_size(image.size, width, height, f)
-        check_size(*size, f)
-        _check_fits(sd, *size, len(prompts), guidance, invariant, memory)
-        pixels = from_pil(fit_init_image(image, width, height, f))
-    else:
-        pixels = image[None] if image.ndim == 3 else image
-        if pixels.shape[0] != 1:
-            raise ValueError(f"img2img takes one init image, got a batch of {pixels.shape[0]}")
-        _check_fits(sd, pixels.shape[-1], pixels.shape[-2], len(prompts), guidance, invariant, memory)
-    height, width = pixels.shape[-2:]
-    seeds = _seeds(seed, len(prompts))
-    generators = generators_for(seeds)
-    with memory.sliced_attention(), for_inference(sd):
-        with torch.no_grad():
-            posterior = sd.vae.encode(pixels.to(sd.device), tiled=memory.vae_tiling, tile_size=memory.vae_tile_size)
-        release_derived_weights(sd.vae)  # the encoder's, not needed while sampling
-        # image i's posterior sample, then its starting noise, both from its own generator
-        eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
-        init = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor
-        noise = randn(init.shape[1:], generators, device=sd.device)
-        out = generate(sd, prompts, negatives, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                       width=int(width), height=int(height), seeds=seeds, clip_skip=clip_skip, eta=eta,
-                       guidance_rescale=guidance_rescale, guidance_interval=interval, init_latents=init, strength=strength, noise=noise,
-                       callback=callback, image_by_image=invariant, generators=generators)
-        images = decode(sd, out, image_by_image=memory.image_by_image(invariant), tile_size=memory.tile_size)
-        params = _params(sd, mode="img2img", sampler=sampler, schedule=schedule, steps=steps, guidance=guidance,
-                         width=int(width), height=int(height), negative_prompt=negative_prompt, clip_skip=clip_skip,
-                         eta=eta, guidance_rescale=guidance_rescale, guidance_interval=interval,
-                         extra={"strength": strength, **memory.params(invariant)})
-    params["batch_invariant"] = invariant
-    return Result(to_pil(images), seeds, prompts, params, out)
+    x_0 + σ_max ε, so the image keeps a small weight (1 / σ_max ≈ 0.07), as in CompVis, diffusers and A1111. The
+    options are `Generation`'s fields; `vae_tiling` also encodes the init image in tiles."""
+    return generate(sd, Generation(prompt, init_image=image, **options), callback)

@@ -6,22 +6,26 @@ Three interchangeable implementations of softmax(q k^T / sqrt(d)) v:
 - `math`: the plain textbook formula, for reference and debugging.
 
 `upcast=True` computes attention in fp32 even when the model runs in fp16/bf16 (the SD2 fix for fp16 NaNs).
-The backend is a process-wide setting chosen with `set_backend`, or per call through `attention(..., backend=)`.
 
 Attention slicing bounds memory: the (N, M) attention matrix of N queries and M keys is computed `slice_size`
 query rows at a time. Each query row's softmax involves only its own row of scores, so slicing gives the same
 result. It matters for the `math` backend (which materialises the matrix: 17 GB for the VAE's mid attention of a
-2048x2048 image, 65536 positions) and wherever sdpa falls back to its math kernel. Set it process-wide with
-`set_slicing` (or for a block of code with `slicing(...)`), or per call with `attention(..., slice_size=)`.
-"auto" picks the largest slice whose matrix has at most `AUTO_SLICE_ELEMENTS` elements. xformers already works
-in blocks and ignores it.
+2048x2048 image, 65536 positions) and wherever sdpa falls back to its math kernel. "auto" picks the largest slice
+whose matrix has at most `AUTO_SLICE_ELEMENTS` elements. xformers already works in blocks and ignores it.
+
+Backend, upcast and slicing are chosen for a block of code with `options(backend=..., upcast=..., slice_size=...)`
+(the pipeline enters it for each request), or per call through `attention(..., backend=)`. The setting lives in a
+context variable: it holds in the thread (or asyncio task) that entered the block and nowhere else, so two
+requests running at once in one process (a server) cannot see each other's.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -33,26 +37,24 @@ BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math")
 SliceSize = int | Literal["auto"] | None  # query rows per slice; "auto"; None: no slicing
 AUTO_SLICE_ELEMENTS = 2 ** 26  # "auto": at most this many scores per slice (256 MiB in fp32)
 
-_backend: Backend = "sdpa"
-_upcast: bool = False
-_slice_size: SliceSize = None
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    backend: Backend = "sdpa"
+    upcast: bool = False
+    slice_size: SliceSize = None
 
 
-def set_backend(backend: Backend = "sdpa", *, upcast: bool | None = None) -> None:
-    """Choose the attention implementation for all attention layers (and optionally fp32 upcasting)."""
-    global _backend, _upcast
+_OPTIONS: ContextVar[AttentionOptions] = ContextVar("ldm_attention", default=AttentionOptions())
+
+
+def check_backend(backend: str) -> Backend:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "xformers" and not xformers_available():
         raise ValueError("attention backend 'xformers' needs the xformers package (pip install 'ldm[cuda]') "
                          "and a CUDA device; use 'sdpa' instead")
-    _backend = backend
-    if upcast is not None:
-        _upcast = upcast
-
-
-def get_backend() -> tuple[Backend, bool]:
-    return _backend, _upcast
+    return backend
 
 
 def check_slice_size(slice_size: SliceSize) -> SliceSize:
@@ -64,26 +66,33 @@ def check_slice_size(slice_size: SliceSize) -> SliceSize:
     return slice_size
 
 
-def set_slicing(slice_size: SliceSize) -> None:
-    """Compute every attention layer `slice_size` query rows at a time ("auto": see AUTO_SLICE_ELEMENTS; None: off)."""
-    global _slice_size
-    _slice_size = check_slice_size(slice_size)
-
-
-def get_slicing() -> SliceSize:
-    return _slice_size
+_KEEP = object()  # `options`: leave this setting as it is
 
 
 @contextmanager
-def slicing(slice_size: SliceSize) -> Iterator[None]:
-    """`set_slicing(slice_size)` for the duration of a `with` block; the previous setting is restored after, even
-    on error."""
-    previous = _slice_size
-    set_slicing(slice_size)
+def options(backend: Backend | None = None, upcast: bool | None = None,
+            slice_size: SliceSize | object = _KEEP) -> Iterator[AttentionOptions]:
+    """The attention settings for the duration of a `with` block, in this thread or task only; those not given
+    stay as they are (slice_size=None turns slicing off). The previous settings come back after, even on error."""
+    current = _OPTIONS.get()
+    new = AttentionOptions(current.backend if backend is None else check_backend(backend),
+                           current.upcast if upcast is None else bool(upcast),
+                           current.slice_size if slice_size is _KEEP else check_slice_size(slice_size))
+    token = _OPTIONS.set(new)
     try:
-        yield
+        yield new
     finally:
-        set_slicing(previous)
+        _OPTIONS.reset(token)
+
+
+def current() -> AttentionOptions:
+    """The settings in force here (`options`)."""
+    return _OPTIONS.get()
+
+
+def slicing(slice_size: SliceSize) -> AbstractContextManager[AttentionOptions]:
+    """`options(slice_size=slice_size)`."""
+    return options(slice_size=slice_size)
 
 
 def slice_rows(slice_size: SliceSize, batch_heads: int, n: int, m: int) -> int:
@@ -102,10 +111,11 @@ def xformers_available() -> bool:
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: Backend | None = None,
               upcast: bool | None = None, slice_size: SliceSize = None) -> Tensor:
     """Multi-head attention on (B, N, heads * d) queries and (B, M, heads * d) keys and values; returns
-    (B, N, heads * d). `backend`, `upcast` and `slice_size` default to the process-wide settings."""
-    backend = backend or _backend
-    upcast = _upcast if upcast is None else upcast
-    slice_size = _slice_size if slice_size is None else check_slice_size(slice_size)
+    (B, N, heads * d). `backend`, `upcast` and `slice_size` default to the settings in force (`options`)."""
+    settings = _OPTIONS.get()
+    backend = backend or settings.backend
+    upcast = settings.upcast if upcast is None else upcast
+    slice_size = settings.slice_size if slice_size is None else check_slice_size(slice_size)
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()

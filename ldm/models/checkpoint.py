@@ -20,9 +20,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ldm import __version__
-from ldm.config import ModelConfig, load_config, preset
+from ldm import __version__, accel
 from ldm.accel.cpu import check_precision
+from ldm.config import ModelConfig, load_config, preset
 from ldm.models.stable_diffusion import SCHEDULE_BUFFERS, StableDiffusion, schedule_buffers
 
 METADATA_CONFIG_KEY = "ldm_config"
@@ -223,7 +223,7 @@ def resolve_config(config: str | Path | ModelConfig | None) -> ModelConfig | Non
 
 def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, vae: str | Path | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prediction: str | None = None,
-         use_ema: bool = False, allow_emulated_bf16: bool = False) -> StableDiffusion:
+         use_ema: bool = False, allow_emulated_bf16: bool = False, accelerate: bool = True) -> StableDiffusion:
     """Load a single-file SD 1.x/2.x checkpoint (.safetensors, or .ckpt through the restricted unpickler).
 
     config: a preset name (`sd-v1`, `sd-v2`, `sd-v2-base`, ...), a YAML (ldm's or the original inference YAML)
@@ -235,8 +235,11 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
         is otherwise refused with a ValueError before anything is read (`ldm.accel.cpu.check_precision`): there bf16 runs
         emulated, slower than fp32. For tests and measurements.
 
-    The model comes back frozen, for inference: eval mode, no parameter requiring grad (so that the pipeline keeps
-    its packed CPU weights between calls, `ldm.accel.optimize.for_inference`). Training turns on what it trains.
+    accelerate: run the UNet and the VAE on ldm's speed code (`ldm.accel.accelerate`: packed CPU weights, in-place
+        blocks; the same images up to float summation order). False gives the plain networks of `ldm.models`.
+
+    The model comes back frozen, for inference: eval mode, no parameter requiring grad. Training turns on what it
+    trains (and loads with accelerate=False).
     """
     check_precision(dtype, device, allow_emulated_bf16)
     tensors, metadata = read_state_dict(path, dtype=dtype)
@@ -261,7 +264,7 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
         name = ("sd-v2" if is_v else "sd-v2-base") if cfg.name in ("sd-v2", "sd-v2-base") else cfg.name
         model.config = cfg.replace(name=name, prediction="v" if is_v else "eps",
                                    image_size=768 if is_v else 512)
-    return model
+    return accel.accelerate(model) if accelerate else model
 
 
 def build_and_adopt(cfg: ModelConfig, tensors: dict[str, Tensor], source: str = "checkpoint") -> StableDiffusion:
@@ -273,7 +276,7 @@ def build_and_adopt(cfg: ModelConfig, tensors: dict[str, Tensor], source: str = 
     if problems:
         raise CheckpointError(f"{source} does not fit the {cfg.name} model:\n{problems}")
     s = cfg.schedule
-    defaults = schedule_buffers(s.num_timesteps, s.beta_start, s.beta_end, s.beta_schedule)
+    defaults = schedule_buffers(s)
     defaults[POSITION_IDS_KEY] = torch.arange(cfg.text.max_length).expand((1, -1)).clone()
     for key in OPTIONAL_KEYS:
         if key in expected and key not in tensors:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ldm.config import ModelConfig, Prediction
+from ldm.config import ModelConfig, Prediction, ScheduleConfig
 from ldm.models.text_encoder import build_text_encoder
 from ldm.models.tokenizer import CLIPTokenizer
 from ldm.models.unet import UNetModel
 from ldm.models.vae import AutoencoderKL
+from ldm.sampling.schedules import betas_for
 
 # The buffers CompVis `LatentDiffusion.register_schedule` stores, in the order it computes them.
 SCHEDULE_BUFFERS = (
@@ -27,14 +28,10 @@ SCHEDULE_BUFFERS = (
 )
 
 
-def schedule_buffers(num_timesteps: int, beta_start: float, beta_end: float, kind: str) -> dict[str, Tensor]:
-    """DDPM quantities (Ho et al. 2020, eq. 4, 6-7) computed in float64, stored in fp32 as the original does."""
-    if kind == "scaled_linear":
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
-    elif kind == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown beta schedule {kind!r}")
+def schedule_buffers(cfg: ScheduleConfig) -> dict[str, Tensor]:
+    """DDPM quantities (Ho et al. 2020, eq. 4, 6-7) of the β schedule (`ldm.sampling.schedules.betas_for`), computed in
+    float64, stored in fp32 as the original does."""
+    betas = betas_for(cfg)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)  # v_posterior = 0
@@ -71,7 +68,7 @@ class StableDiffusion(nn.Module):
         self.first_stage_model = AutoencoderKL(config.vae)
         self.cond_stage_model = build_text_encoder(config.text)
         s = config.schedule
-        for name, value in schedule_buffers(s.num_timesteps, s.beta_start, s.beta_end, s.beta_schedule).items():
+        for name, value in schedule_buffers(s).items():
             self.register_buffer(name, value)
         self._tokenizer: CLIPTokenizer | None = None
         # where the weights came from, for image metadata (set by `ldm.load`)

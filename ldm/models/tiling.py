@@ -37,9 +37,6 @@ from torch import Tensor, nn
 
 from ldm.models import attention
 
-from ldm.accel import optimize
-
-
 DEFAULT_TILE_SIZE = 512  # image pixels per tile side
 
 # load(r0, r1, c0, c1) -> rows [r0, r1) and columns [c0, c1) of an op's input, ready for the op (e.g. normalised
@@ -102,28 +99,37 @@ def _norm_silu(norm: nn.GroupNorm, x: Tensor, tile: int) -> Load:
 
 
 def conv_tiled(conv: nn.Conv2d, load: Load, in_size: tuple[int, int], out: Tensor, tile: int, *,
-               stride: int = 1, pad: int = 1, accumulate: bool = False) -> Tensor:
+               accumulate: bool = False) -> Tensor:
     """out (=, or += with `accumulate`) conv(input), one output tile at a time.
 
-    The input (in_size = (H, W), read through `load`) is zero padded by `pad` before its first row and column,
+    The input (in_size = (H, W), read through `load`) is zero padded by the layer's own padding before its first row and column,
     and by whatever the last output rows and columns read past its end, as the untiled convolution pads it. Each
     output tile reads the input window its receptive field covers: its own tile plus a halo of the neighbours."""
-    k = conv.kernel_size[0]
+    k, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     height, width = in_size
     for o0, o1, p0, p1 in _tiles(out.shape[2], out.shape[3], tile):
         i0, i1 = o0 * stride - pad, (o1 - 1) * stride - pad + k  # input rows [i0, i1) of output rows [o0, o1)
         j0, j1 = p0 * stride - pad, (p1 - 1) * stride - pad + k
         a0, a1, b0, b1 = max(i0, 0), min(i1, height), max(j0, 0), min(j1, width)
         window, zeros = load(a0, a1, b0, b1), (b0 - j0, j1 - b1, a0 - i0, i1 - a1)  # zeros only past the border
-        if len(set(zeros)) == 1:  # the same on every side (a tile inside the image, or the whole image)
-            y = optimize.conv2d(conv, window, padding=zeros[0], stride=stride)
-        else:
-            y = optimize.conv2d(conv, F.pad(window, zeros), padding=0, stride=stride)
+        y = _conv(conv, window, zeros, o1 - o0, p1 - p0)
         if accumulate:
             out[:, :, o0:o1, p0:p1] += y
         else:
             out[:, :, o0:o1, p0:p1] = y
     return out
+
+
+def _conv(conv: nn.Conv2d, window: Tensor, zeros: tuple[int, int, int, int], rows: int, columns: int) -> Tensor:
+    """conv of `window` zero padded by `zeros` (left, right, top, bottom), through the layer's own call (so that
+    whatever runs the layer, e.g. `ldm.accel`'s packed weights, runs here too). A layer that pads p pixels itself
+    (the 3x3 convolutions, stride 1) pads every side, also where the window already holds the neighbours' pixels:
+    the outputs those zeros reach are computed and dropped, p - zeros pixels on each side."""
+    p = conv.padding[0]
+    if p == 0:
+        return conv(F.pad(window, zeros) if any(zeros) else window)
+    left, _, top, _ = zeros
+    return conv(window)[:, :, p - top:p - top + rows, p - left:p - left + columns]
 
 
 def resnet_block(block: nn.Module, x: Tensor, tile: int) -> Tensor:
@@ -139,7 +145,7 @@ def resnet_block(block: nn.Module, x: Tensor, tile: int) -> Tensor:
         # The 1x1 shortcut reads each tile of x only to write the same tile of its output, and nothing reads x
         # after it: when the width shrinks, its output can take the place of x's first c_out channels.
         out = x[:, :c_out] if c_out <= c_in else x.new_empty(b, c_out, height, width)
-        conv_tiled(block.nin_shortcut, _window(x), (height, width), out, tile, pad=0)
+        conv_tiled(block.nin_shortcut, _window(x), (height, width), out, tile)
     return conv_tiled(block.conv2, _norm_silu(block.norm2, h, tile), (height, width), out, tile, accumulate=True)
 
 
@@ -159,13 +165,13 @@ def downsample(down: nn.Module, x: Tensor, tile: int) -> Tensor:
     (H/2, W/2) output; `tile` is in output pixels."""
     b, c, height, width = x.shape
     out = x.new_empty(b, c, height // 2, width // 2)
-    return conv_tiled(down.conv, _window(x), (height, width), out, tile, stride=2, pad=0)
+    return conv_tiled(down.conv, _window(x), (height, width), out, tile)
 
 
 def _global_attention():
     """The mid block's attention spans the whole latent; slice it ("auto") unless slicing is already set, so that
     no backend materialises the full (hw, hw) matrix (17 GB in fp32 for a 2048x2048 image)."""
-    return attention.slicing("auto") if attention.get_slicing() is None else nullcontext()
+    return attention.slicing("auto") if attention.current().slice_size is None else nullcontext()
 
 
 @torch.no_grad()

@@ -18,30 +18,15 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.models.attention import attention
 from ldm.config import UNetConfig
-from ldm.accel.ops import SiLU, add_into, add_residual, repeat_batch
-from ldm.accel.optimize import upsample_conv
 
 TIME_EMBED_MAX_PERIOD = 10000
-
-
-_FREQUENCIES: dict[tuple[int, float, torch.device], Tensor] = {}
-
-
-def _frequencies(half: int, max_period: float, device: torch.device) -> Tensor:
-    """exp(-ln(max_period) k / half), k < half: the same at every step, so computed once per device."""
-    key = (half, max_period, device)
-    freqs = _FREQUENCIES.get(key)
-    if freqs is None:
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
-        if not torch.compiler.is_compiling():  # under torch.compile the graph holds it as a constant anyway
-            _FREQUENCIES[key] = freqs
-    return freqs
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = TIME_EMBED_MAX_PERIOD) -> Tensor:
     """Sinusoidal embedding (Vaswani et al. 2017), cos first as in CompVis: (B,) -> (B, dim) in fp32."""
     half = dim // 2
-    args = t.float()[:, None] * _frequencies(half, float(max_period), t.device)[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -66,18 +51,18 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float = 0.0):
         super().__init__()
         # in_layers.{0,2} and out_layers.{0,3}: Sequential indices kept for the checkpoint keys
-        self.in_layers = nn.Sequential(normalization(channels, groups), SiLU(),
+        self.in_layers = nn.Sequential(normalization(channels, groups), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))  # emb is shared: not in place
-        self.out_layers = nn.Sequential(normalization(out_channels, groups), SiLU(), nn.Dropout(dropout),
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(normalization(out_channels, groups), nn.SiLU(), nn.Dropout(dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)                              # (B, C_out, H, W)
-        h = add_into(h, self.emb_layers(emb).type(h.dtype)[:, :, None, None])
-        return add_residual(self.skip_connection(x), self.out_layers(h))
+        h = self.in_layers(x)                                          # (B, C_out, H, W)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, C_out, 1, 1) broadcast
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class CrossAttention(nn.Module):
@@ -107,9 +92,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return x * F.gelu(gate)
-        return F.gelu(gate).mul_(x)  # inference: the product into gelu's fresh output (ldm.accel.ops)
+        return x * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -135,10 +118,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = add_residual(x, self.attn1(self.norm1(x)))
-        x = repeat_batch(x, context.shape[0])  # latents shared by several prompts meet them here (UNetModel)
-        x = add_residual(x, self.attn2(self.norm2(x), context))
-        return add_residual(x, self.ff(self.norm3(x)))
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -174,7 +156,7 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, C, H, W)
         if not self.use_linear:
             x = self.proj_out(x)
-        return add_into(x, repeat_batch(x_in, x.shape[0]))
+        return x + x_in
 
 
 class Downsample(nn.Module):
@@ -193,8 +175,8 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         # `size` lets latents whose side is not a multiple of 2**levels meet their skip connection exactly
-        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
-            return upsample_conv(self.conv, x)
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
@@ -204,7 +186,7 @@ class TimestepEmbedSequential(nn.ModuleList):
     def forward(self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, repeat_batch(emb, x.shape[0]))
+                x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             elif isinstance(layer, Upsample):
@@ -215,14 +197,7 @@ class TimestepEmbedSequential(nn.ModuleList):
 
 
 class UNetModel(nn.Module):
-    """eps- or v-predicting UNet: (x (B, 4, H, W), timesteps (B,), context (B, M, D)) -> (B, 4, H, W).
-
-    Shared latents: context may hold k * B rows for a batch of B latents (k prompts per latent, e.g. the
-    [uncond, cond] pair of classifier-free guidance). The result is then (k * B, 4, H, W), the same as for
-    x and timesteps repeated k times (`torch.cat([x] * k)`), up to float rounding, but the layers before the first
-    cross-attention (conv_in, the first ResBlocks, the first self-attention: ~3% of SD's work) run once per
-    latent instead of k times. The batch grows where the latents first meet the context.
-    """
+    """eps- or v-predicting UNet: (x (B, 4, H, W), timesteps (B,), context (B, M, D)) -> (B, 4, H, W)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -271,26 +246,34 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
         # out.{0,2}: checkpoint keys
-        self.out = nn.Sequential(normalization(ch, groups), SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _run(self, block: TimestepEmbedSequential, *args) -> Tensor:
         if self.gradient_checkpointing and self.training:
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+    def check_inputs(self, x: Tensor, context: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"UNet expects latents of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:
             raise ValueError(f"UNet expects context of shape (B, M, {self.cfg.context_dim}), got {tuple(context.shape)}")
-        if context.shape[0] % x.shape[0]:
-            raise ValueError(f"UNet got {x.shape[0]} latents for {context.shape[0]} contexts; the contexts must be "
-                             "as many as the latents or a multiple of them (latents shared by several prompts)")
+
+    def timesteps_for(self, x: Tensor, timesteps: Tensor | float) -> Tensor:
+        """One timestep per latent: a scalar is shared by all."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.numel() == 1:
-            timesteps = timesteps.reshape(()).expand(x.shape[0])
-        elif timesteps.shape != x.shape[:1]:
+            return timesteps.reshape(()).expand(x.shape[0])
+        if timesteps.shape != x.shape[:1]:
             raise ValueError(f"UNet expects one timestep per latent ({x.shape[0]}), got shape {tuple(timesteps.shape)}")
+        return timesteps
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        self.check_inputs(x, context)
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"UNet got {x.shape[0]} latents for {context.shape[0]} contexts; give one context per "
+                             "latent")
+        timesteps = self.timesteps_for(x, timesteps)
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))  # (B, 4 * mc)
         h = x.to(dtype)
@@ -300,10 +283,9 @@ class UNetModel(nn.Module):
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
-        for i, block in enumerate(self.output_blocks):
-            h = torch.cat([h, repeat_batch(skips.pop(), h.shape[0])], dim=1)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
             # the next skip (if any) fixes the size an upsampling layer must produce
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = self._run(block, h, emb, context, size)
-        # prepacked CPU convolutions (ldm.accel.optimize) return channels-last tensors; give callers a plain one
-        return repeat_batch(self.out(h).to(x.dtype).contiguous(), context.shape[0])
+        return self.out(h).to(x.dtype)

@@ -12,8 +12,6 @@ from torch import Tensor, nn
 
 from ldm.models.attention import attention
 from ldm.config import AutoencoderConfig
-from ldm.accel.ops import add_into, add_residual, silu
-from ldm.accel.optimize import single_pass, upsample_conv
 from ldm.models.tiling import DEFAULT_TILE_SIZE, tiled_decode, tiled_encode
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the posterior log-variance, as in the original
@@ -33,9 +31,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
-        return add_into(h, x if self.nin_shortcut is None else self.nin_shortcut(x))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -49,12 +47,14 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
+    def attend(self, y: Tensor) -> Tensor:
+        """Attention of the normalised input y (B, C, H, W) over itself, before the output projection."""
+        b, c, h, w = y.shape
         q, k, v = (proj(y).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, N, C)
-        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
-        return add_residual(x, self.proj_out(out))
+        return attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.proj_out(self.attend(self.norm(x)))
 
 
 class Downsample(nn.Module):
@@ -74,7 +74,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv(self.conv, x)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
@@ -127,7 +127,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -152,7 +152,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class DiagonalGaussian:
@@ -204,8 +204,7 @@ class AutoencoderKL(nn.Module):
         if tiled:
             return DiagonalGaussian(tiled_encode(self, images, tile_size))
         dtype = self.quant_conv.weight.dtype
-        with single_pass():
-            return DiagonalGaussian(self.quant_conv(self.encoder(images.to(dtype))))
+        return DiagonalGaussian(self.quant_conv(self.encoder(images.to(dtype))))
 
     def decode(self, latents: Tensor, tiled: bool = False, tile_size: int = DEFAULT_TILE_SIZE) -> Tensor:
         """Unscaled latents (B, z, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1]. `tiled` computes it in
@@ -215,8 +214,7 @@ class AutoencoderKL(nn.Module):
         if tiled:
             return tiled_decode(self, latents, tile_size)
         dtype = self.post_quant_conv.weight.dtype
-        with single_pass():
-            return self.decoder(self.post_quant_conv(latents.to(dtype)))
+        return self.decoder(self.post_quant_conv(latents.to(dtype)))
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
         posterior = self.encode(images)

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from ldm.config import Prediction
-from ldm.accel.ops import repeat_batch
 from ldm.sampling.schedules import sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
 
 # model_fn(x_t, t, cond) -> ε or v: x_t is the VP-scaled latent (B, C, H, W), t the timesteps (B,).
@@ -54,7 +53,7 @@ class DiscreteDenoiser:
     CPU in float64 (`sigmas`, `log_sigmas`); conversions run there and only t travels to the model's device.
 
     `shares_latents=True` declares that model_fn takes k conditionings per latent, as `UNetModel` does (k * B
-    context rows for B latents, output (k * B, ...)); `CFGDenoiser` then hands it x once for both of its passes,
+    context rows for B latents, output (k * B, ...)), as an accelerated UNet does (`ldm.accel.forwards`); `CFGDenoiser` then hands it x once for both of its passes,
     and this denoiser returns the k x_0 predictions, (k * B, ...).
     """
 
@@ -99,7 +98,8 @@ class DiscreteDenoiser:
         t = self.sigma_to_t(sigma).to(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         out = self.model_fn((x * c_in).to(x.dtype), t, cond)
         if out.shape[0] != x.shape[0]:  # shared latents: one prediction per conditioning, k per latent
-            x, c_skip, c_out = (repeat_batch(v, out.shape[0]) for v in (x, c_skip, c_out))
+            k = out.shape[0] // x.shape[0]
+            x, c_skip, c_out = (torch.cat([v] * k) for v in (x, c_skip, c_out))  # as the model repeated x
         return (x.to(dtype) * c_skip + out.to(dtype) * c_out).to(x.dtype)
 
 

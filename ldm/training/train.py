@@ -58,7 +58,7 @@ def build_model(spec: ModelSpec) -> StableDiffusion:
     from ldm.models.unet import UNetModel
 
     if spec.checkpoint:
-        sd = load(spec.checkpoint, config=spec.config, prediction=spec.prediction)
+        sd = load(spec.checkpoint, config=spec.config, prediction=spec.prediction, accelerate=False)
         if spec.reinit_unet:
             sd.model.diffusion_model = UNetModel(sd.config.unet)
         return sd
