@@ -472,7 +472,7 @@ def child_train(device: str, batch: int, resolution: int, precision: str, checkp
     context = torch.randn(batch, 77, cfg.unet.context_dim, device=dev)
 
     def step(i: int) -> float:
-        _, t, noise, _ = draw_sample_noise(torch.arange(batch) + i * batch, (4, h, h), s.num_timesteps, 0.0, 0.0)
+        _, t, noise, _ = draw_sample_noise(torch.arange(batch) + i * batch, (4, h, h), cfg.schedule.num_timesteps, 0.0, 0.0)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = diffusion_loss(unet, x0, noise.to(dev), t.to(dev), context, buffers["sqrt_alphas_cumprod"],
                                   buffers["sqrt_one_minus_alphas_cumprod"], "eps", None).mean()
