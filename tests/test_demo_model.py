@@ -46,7 +46,7 @@ def test_generates_the_prompted_colours(demo):
     """At the defaults of `make run` (30 steps; guidance above σ = 1, from the model's config): most images get
     the colour and background right. (At 12 steps the demo model is off on colours, with or without the guidance
     interval: README.)"""
-    images = demo.txt2img(PROMPTS, seed=0).images
+    images = ldm.txt2img(demo, PROMPTS, seed=0).images
     agree = 0
     for prompt, image in zip(PROMPTS, images):
         assert image.size == (64, 64)

@@ -434,12 +434,12 @@ def test_pipeline_prepacked_matches_plain(monkeypatch, tiling):
     def record(*_):
         derived.append(any(optimize.UPSAMPLE_ATTR in m.__dict__ for m in sd.unet.modules()))
     hooks = [sd.unet.register_forward_hook(record), sd.vae.decoder.register_forward_pre_hook(record)]
-    packed = sd.txt2img("a red circle", **kwargs)
+    packed = ldm.txt2img(sd, "a red circle", **kwargs)
     for h in hooks:
         h.remove()
     assert {sd.unet.input_blocks[0][0], sd.vae.decoder.conv_out} <= set(calls)  # the packed kernels ran
     assert derived[:3] == [True] * 3 and not any(derived[3:])  # released when sampling ends
-    plain = accel.plain(sd).txt2img("a red circle", **kwargs)
+    plain = ldm.txt2img(accel.plain(sd), "a red circle", **kwargs)
     assert rel_err(packed.latents, plain.latents) < 1e-5
     diff = (torch.tensor(list(packed.images[0].getdata())) - torch.tensor(list(plain.images[0].getdata()))).abs()
     assert diff.max() <= 1
@@ -642,16 +642,16 @@ def test_an_accelerated_model_keeps_its_packed_weights_between_calls(monkeypatch
     sd, _ = _frozen()
     packs = _count_packing(monkeypatch)
     kwargs = dict(steps=3, sampler="euler", seed=7, width=64, height=64)
-    first = sd.txt2img("a red circle", **kwargs)
+    first = ldm.txt2img(sd, "a red circle", **kwargs)
     n = len(packs)
     assert n > 0 and optimize.is_packed(sd)
-    second = sd.txt2img("a red circle", **kwargs)
+    second = ldm.txt2img(sd, "a red circle", **kwargs)
     assert len(packs) == n  # nothing packed again
     assert torch.equal(first.latents, second.latents)
     assert not any(optimize.WINOGRAD_ATTR in m.__dict__ or optimize.UPSAMPLE_ATTR in m.__dict__
                    for m in sd.modules())  # derived weights are per call
     trained, _ = random_model(preset("tiny"), seed=5)  # plain, and requires grad
-    assert rel_err(trained.txt2img("a red circle", **kwargs).latents, first.latents) < 1e-5
+    assert rel_err(ldm.txt2img(trained, "a red circle", **kwargs).latents, first.latents) < 1e-5
     assert not optimize.is_packed(trained)
 
 
@@ -669,7 +669,7 @@ USES = {
 @pytest.mark.parametrize("use", USES)
 def test_any_use_of_a_packed_weight_gives_the_plain_one_back(use, monkeypatch):
     sd, state = _frozen()
-    sd.txt2img("a red circle", steps=2, sampler="euler", seed=1, width=64, height=64)
+    ldm.txt2img(sd, "a red circle", steps=2, sampler="euler", seed=1, width=64, height=64)
     conv = sd.unet.input_blocks[0][0]
     w = conv.weight
     assert type(w) is optimize.PackedWeight
@@ -685,11 +685,11 @@ def test_any_use_of_a_packed_weight_gives_the_plain_one_back(use, monkeypatch):
 
 def test_state_dict_of_a_packed_model_is_the_checkpoint_and_training_sees_the_weights(monkeypatch):
     sd, state = _frozen()
-    sd.txt2img("a red circle", steps=2, sampler="euler", seed=1, width=64, height=64)
+    ldm.txt2img(sd, "a red circle", steps=2, sampler="euler", seed=1, width=64, height=64)
     assert optimize.is_packed(sd)
     after = sd.state_dict()
     assert all(torch.equal(after[k], state[k]) for k in state)
-    sd.txt2img("a red circle", steps=2, sampler="euler", seed=1, width=64, height=64)  # packs again
+    ldm.txt2img(sd, "a red circle", steps=2, sampler="euler", seed=1, width=64, height=64)  # packs again
     # an optimizer step on a model packed between calls: the gradient reaches the Parameters and updates them
     unet = sd.unet
     params = list(unet.parameters())
@@ -744,14 +744,14 @@ def test_a_copy_of_a_packed_model_is_plain_and_generates_the_same_images():
 
     sd, state = _frozen()
     kwargs = dict(steps=2, sampler="euler", seed=1, width=64, height=64)
-    first = sd.txt2img("a red circle", **kwargs)
+    first = ldm.txt2img(sd, "a red circle", **kwargs)
     twin = copy.deepcopy(sd)
     assert optimize.is_packed(sd)  # the original keeps its packed weights
     assert not any(type(p) is optimize.PackedWeight for p in twin.parameters())
     copied = twin.state_dict()
     assert all(torch.equal(copied[k], state[k]) for k in state)
-    assert torch.equal(twin.txt2img("a red circle", **kwargs).latents, first.latents)
-    assert torch.equal(sd.txt2img("a red circle", **kwargs).latents, first.latents)
+    assert torch.equal(ldm.txt2img(twin, "a red circle", **kwargs).latents, first.latents)
+    assert torch.equal(ldm.txt2img(sd, "a red circle", **kwargs).latents, first.latents)
 
 
 @torch.no_grad()

@@ -154,7 +154,7 @@ def test_img2img_strength_one_is_txt2img_from_the_noised_image(tiny, init_image,
 # --- Result, callbacks, seeds ------------------------------------------------------------------------------------
 
 def test_result_holds_images_seeds_and_params(tiny):
-    out = tiny.txt2img(["a red circle", "a blue square"], negative_prompt="blurry", steps=2, batch_size=2, seed=41,
+    out = ldm.txt2img(tiny, ["a red circle", "a blue square"], negative_prompt="blurry", steps=2, batch_size=2, seed=41,
                        width=64, height=48, sampler="DPM++ 2M Exponential")
     assert [im.size for im in out.images] == [(64, 48)] * 4 and all(im.mode == "RGB" for im in out.images)
     assert out.seeds == [41, 42, 43, 44]

@@ -128,18 +128,5 @@ class StableDiffusion(nn.Module):
         """Prompts -> conditioning (B, 77, D)."""
         return self.encode_tokens(self.tokenize(prompts), clip_skip=clip_skip)
 
-    # --- generation (see ldm.generation.pipeline) ----------------------------------------------------------------------
-    def txt2img(self, prompt, **kwargs):
-        """Text to images; see `ldm.generation.pipeline.txt2img` for the parameters. Returns a `Result`."""
-        from ldm.generation.pipeline import txt2img
-
-        return txt2img(self, prompt, **kwargs)
-
-    def img2img(self, image, prompt, **kwargs):
-        """Image and text to images; see `ldm.generation.pipeline.img2img` for the parameters. Returns a `Result`."""
-        from ldm.generation.pipeline import img2img
-
-        return img2img(self, image, prompt, **kwargs)
-
     def extra_repr(self) -> str:
         return f"config={self.config.name!r}, prediction={self.prediction!r}"
