@@ -18,7 +18,7 @@ from typing import Any
 
 from ldm import __version__
 from ldm.demo import DEMO_CHECKPOINT
-from ldm.generation.request import Generation, RequestError
+from ldm.generation.request import Generation, RequestError, lora_file
 from ldm.sampling.names import ETA_SAMPLERS, NAMES, infotext_name
 
 # Commands defined in modules of their own, imported only when one of them is asked for (they import torch and the
@@ -38,8 +38,9 @@ REQUEST_FIELDS = {
     "height": "height", "n_samples": "batch_size", "clip_skip": "clip_skip", "strength": "strength",
     "attention": "attention", "upcast_attention": "upcast_attention", "vae_tiling": "vae_tiling",
     "vae_tile_size": "vae_tile_size", "vae_slicing": "vae_slicing", "attention_slicing": "attention_slicing",
+    "loras": "loras", "lora_dir": "lora_dir", "embeddings_dir": "embeddings_dir",
 }
-FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img"}  # where not --FIELD
+FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img", "loras": "--lora"}
 # The other flags' defaults.
 CLI_DEFAULTS: dict[str, Any] = {"n_iter": 1, "precision": "auto", "device": "auto", "quiet": False, "grid": False,
                                 "compile": False}
@@ -127,6 +128,14 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--attention-slicing", dest="attention_slicing", nargs="?", const="auto", default=S,
                    metavar="N|auto", help="compute attention N query rows at a time; auto (the default when "
                    "given without a value) bounds each slice to 2**26 scores")
+    p.add_argument("--lora", dest="loras", action="append", default=S, metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA for this run (kohya/A1111, LyCORIS LoHa or LoKr, or PEFT .safetensors), weight 1 "
+                        "unless given; repeatable. The prompt's <lora:NAME:WEIGHT> tags name files in --lora-dir")
+    p.add_argument("--lora-dir", dest="lora_dir", default=S, metavar="DIR",
+                   help="the folder of LoRA files that <lora:NAME:WEIGHT> tags in the prompt name")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir", default=S, metavar="DIR",
+                   help="a folder of textual inversion embeddings (.pt, .safetensors): a word of the prompt that "
+                        "names one of its files stands for its vectors")
     if img2img:
         p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")
         p.add_argument("--strength", type=float, default=S,
@@ -250,6 +259,8 @@ def _request(base: Generation, given: dict[str, Any]) -> Generation:
         changes["attention_slicing"] = parse_attention_slicing(changes["attention_slicing"])
     if changes.get("vae_tile_size") is not None:
         changes["vae_tiling"] = True
+    if "loras" in changes:
+        changes["loras"] = tuple(parse_lora(text) for text in changes["loras"])
     if "guidance_interval" in changes:
         from ldm.config import check_interval
 
@@ -257,7 +268,21 @@ def _request(base: Generation, given: dict[str, Any]) -> Generation:
             changes["guidance_interval"] = check_interval(changes["guidance_interval"])
         except ValueError as e:
             raise UsageError(f"--guidance-interval: {e}; e.g. --guidance-interval 1 inf") from None
-    return _checked(lambda: base.replace(**changes))
+    request = _checked(lambda: base.replace(**changes))
+    for name, _ in [*request.loras, *request.lora_tags]:  # the files exist, before the model is read
+        _checked(lambda: lora_file(name, request.lora_dir, request.lora_hashes))  # noqa: B023 (called at once)
+    return request
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """--lora FILE[:WEIGHT]."""
+    path, _, weight = text.rpartition(":")
+    if not path:
+        return text, 1.0
+    try:
+        return path, float(weight)
+    except ValueError:
+        raise UsageError(f"--lora {text}: the weight after ':' must be a number, e.g. --lora {path}:0.8") from None
 
 
 def _checked(make):

@@ -3,6 +3,7 @@
     python tools/probe.py conv                                   # direct vs Winograd 3x3 convolutions, per shape
     python tools/probe.py call-phases --size 256 --calls 3       # where a CPU txt2img call's time goes
     python tools/probe.py vae-memory                             # VAE decode peak memory, untiled vs tiled
+    python tools/probe.py adapters --rank 128                    # LoRA merge time and per-step cost, long prompts
 
 `--help` after a subcommand says what it measures. The training-step speed is `python tools/bench.py train`.
 """
@@ -84,8 +85,8 @@ CALL_PHASES_DOC = """\
 Where the time of a whole CPU txt2img call goes: packing the weights, the first step, the later steps, the VAE
 decode and restoring the weights, for several calls of one process (the bench's random-weight SD 1.5 file).
 
-    python tools/probe.py call-phases --size 256 --calls 3            # a loaded (frozen) model: only call 0 packs
-    python tools/probe.py call-phases --size 256 --calls 3 --trainable # weights packed and restored in every call
+    python tools/probe.py call-phases --size 256 --calls 3            # an accelerated model: only call 0 packs
+    python tools/probe.py call-phases --size 256 --calls 3 --plain    # the plain networks: nothing packed
 
 A measurement tool, not a test: it wraps ldm.accel.optimize's packing and restoring and
 ldm.generation.pipeline.decode with timers. Run `python tools/bench.py load` once first: it writes the checkpoint
@@ -119,12 +120,10 @@ def cmd_call_phases(args: argparse.Namespace) -> int:
     from ldm.generation import pipeline
 
     torch.set_num_threads(args.threads)
-    sd = ldm.load(CHECKPOINT, dtype=torch.float32)
-    if args.trainable:
-        sd.requires_grad_(True)
+    sd = ldm.load(CHECKPOINT, dtype=torch.float32, accelerate=not args.plain)
     totals = dict.fromkeys(("pack", "restore", "decode"), 0.0)
     timed(optimize, "_packed", totals, "pack")  # the reorders into oneDNN's layout
-    timed(optimize, "_unpack", totals, "restore")
+    timed(optimize, "_restore", totals, "restore")
     timed(pipeline, "decode", totals, "decode")
     noise = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
     for call in range(args.calls):
@@ -139,6 +138,71 @@ def cmd_call_phases(args: argparse.Namespace) -> int:
         print(f"call {call}: {total:.2f} s; first step {stamps[0] - t0:.2f} s (packing in it {totals['pack']:.2f} s), "
               f"later steps {later:.3f} s (median), decode {totals['decode']:.2f} s, "
               f"restoring {totals['restore']:.2f} s", flush=True)
+    return 0
+
+
+# --- adapters: LoRA merging and long prompts ---------------------------------------------------------------------
+
+ADAPTERS_DOC = """\
+What adapters and long prompts cost, on the bench's random-weight SD 1.5 file: reading a random kohya LoRA (all
+attention, feed-forward and projection layers of the UNet and the text encoder, at --rank), merging it and taking
+it out again; the UNet step (batch 2, 64x64 latents) without and with it merged; the text encoder's time for
+prompts of 1, 2 and 3 chunks of 75 tokens.
+
+    python tools/probe.py adapters --rank 128       # a ~150 MB LoRA"""
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    if not CHECKPOINT.exists():
+        args.parser.error(f"{CHECKPOINT} is missing; run `python tools/bench.py load` once to write it")
+
+    import torch
+    from safetensors.torch import save_file
+
+    import ldm
+    from ldm.adapters import lora as L
+    from ldm.generation import prompts as P
+
+    torch.set_num_threads(args.threads)
+    sd = ldm.load(CHECKPOINT, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    layers = ("to_q", "to_k", "to_v", "to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out", "q_proj",
+              "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    tensors = {}
+    for key, target in L.targets(sd).items():
+        if key.startswith(("lora_unet_down", "lora_unet_mid", "lora_unet_up", L.KOHYA_TEXT)) and key.endswith(layers):
+            out, inp = target.weight.shape[0], target.weight[0].numel()
+            tensors[f"{key}.lora_down.weight"] = torch.randn(args.rank, inp, generator=g).half() * 0.01
+            tensors[f"{key}.lora_up.weight"] = torch.randn(out, args.rank, generator=g).half() * 0.01
+            tensors[f"{key}.alpha"] = torch.tensor(float(args.rank)).half()
+    path = CHECKPOINT.parent / f"lora-rank{args.rank}.safetensors"
+    save_file(tensors, str(path))
+    x = torch.randn(2, 4, 64, 64, generator=g)
+    t = torch.tensor([500, 500])
+    context = torch.randn(2, 77, 768, generator=g)
+
+    def step() -> None:
+        with torch.no_grad():
+            sd.unet(x, t, context)
+
+    before = median_ms(step, args.runs)
+    t0 = time.perf_counter()
+    lora = L.LoRA.read(path)
+    t1 = time.perf_counter()
+    merged = L.merge(sd, [(lora, 1.0)])
+    t2 = time.perf_counter()
+    with_lora = median_ms(step, args.runs)
+    t3 = time.perf_counter()
+    merged.restore()
+    t4 = time.perf_counter()
+    print(f"LoRA rank {args.rank}: {path.stat().st_size / 2**20:.0f} MiB, {len(lora.layers)} layers; read "
+          f"{t1 - t0:.2f} s, merge {t2 - t1:.2f} s, restore {t4 - t3:.2f} s; UNet step {before:.0f} ms without, "
+          f"{with_lora:.0f} ms merged")
+    for chunks in (1, 2, 3):
+        prompt = ", ".join(["a red circle"] * (18 * chunks))  # 4 tokens a phrase: 71, 143, 215 tokens
+        k = P.count_chunks(sd.tokenizer, prompt)
+        ms = median_ms(lambda prompt=prompt: P.encode(sd, [prompt]), args.runs)
+        print(f"prompt of {k} chunk(s): text encoder {ms:.0f} ms")
     return 0
 
 
@@ -218,8 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--trainable", action="store_true", help="parameters require grad: no packed weights kept")
+    p.add_argument("--plain", action="store_true", help="the plain networks (ldm.load(accelerate=False))")
     p.set_defaults(func=cmd_call_phases, parser=p)
+
+    p = sub.add_parser("adapters", help="LoRA read / merge / restore time, UNet step with it, long prompts",
+                       description=ADAPTERS_DOC, formatter_class=raw)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_adapters, parser=p)
 
     p = sub.add_parser("vae-memory", help="VAE decode peak RSS and time, untiled vs tiled",
                        description=VAE_MEMORY_DOC, formatter_class=raw)

@@ -578,7 +578,8 @@ def keep_freed_memory(largest: int, device: torch.device | str = "cpu") -> Itera
         if largest > _heap["largest"]:
             _heap["largest"] = largest
             # older glibc refuses mmap thresholds above 32 MiB (returns 0): then only the trim threshold is raised
-            libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(max(_GLIBC_SETTLED_MMAP, min(largest + largest // 4, 1 << 30))))
+            mmap = max(_GLIBC_SETTLED_MMAP, min(largest + largest // 4, 1 << 30))
+            libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap))
             libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(max(1 << 29, min(12 * largest, 2**31 - 1))))
     try:
         yield True

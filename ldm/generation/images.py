@@ -93,9 +93,16 @@ def infotext(p: dict[str, Any]) -> str:
               ("Size", f"{p['width']}x{p['height']}" if "width" in p else None),
               ("Model hash", (p.get("model_sha256") or "")[:10] or None), ("Model", p.get("model")),
               ("Denoising strength", p.get("strength")), ("Clip skip", p.get("clip_skip") if p.get("clip_skip", 1) != 1 else None),
+              ("Lora hashes", _hashes(f"{name}: {h}" for name, _, h in p.get("lora_hashes") or [])),
+              ("TI hashes", _hashes(f"{name}: {h}" for name, h in p.get("ti_hashes") or [])),
               ("Version", f"ldm {p['version']}" if "version" in p else None)]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None))
     return "\n".join(lines)
+
+
+def _hashes(entries) -> str | None:
+    """A1111's "name: hash, name: hash" list, None when empty."""
+    return ", ".join(entries) or None
 
 
 def _quote(value: Any) -> str:

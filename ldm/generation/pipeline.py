@@ -34,10 +34,15 @@ from PIL import Image
 from torch import Tensor
 
 from ldm import __version__, accel
+from ldm.adapters.embeddings import Embedding, EmbeddingError, check_width
+from ldm.adapters.embeddings import find as find_embeddings
+from ldm.adapters.lora import LoRA, LoRAError, using
 from ldm.accel.optimize import largest_activation
 from ldm.config import Interval, check_interval
 from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
-from ldm.generation.request import MAX_SEED, Generation, RequestError, check_size_multiple
+from ldm.generation.prompts import encode as encode_prompts
+from ldm.generation.prompts import words as prompt_words
+from ldm.generation.request import MAX_SEED, Generation, RequestError, check_size_multiple, lora_file
 from ldm.models import attention
 from ldm.sampling.denoisers import DiscreteDenoiser
 from ldm.sampling.guidance import CFGDenoiser
@@ -272,7 +277,8 @@ class Denoising:
             self._context.run(steps.close)
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(RuntimeError):  # its context is running elsewhere: that run ends it
+            self.close()
 
     def __iter__(self) -> Iterator[Step]:
         return self
@@ -311,11 +317,14 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     settings = {"backend": request.attention, "upcast": request.upcast_attention}
     if request.attention_slicing is not None:
         settings["slice_size"] = request.attention_slicing
-    with attention.options(**settings) as used:
+    loras = read_loras(request)
+    embeddings = read_embeddings(sd, request, prompts + request.negative_prompts)
+    with attention.options(**settings) as used, _merged(sd, loras):
         shape = (sd.config.vae.embed_dim, height // f, width // f)  # the latents' channels: the VAE's
         init = None
         if request.img2img:
-            posterior = sd.vae.encode(_pixels(sd, request).to(sd.device), tiled=request.vae_tiling, tile_size=request.vae_tile_size)
+            posterior = sd.vae.encode(_pixels(sd, request).to(sd.device), tiled=request.vae_tiling,
+                                      tile_size=request.vae_tile_size)
             accel.release(sd.vae)  # the encoder's, not needed while sampling
             # image i's posterior sample, then its starting noise, both from its own generator
             eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
@@ -327,7 +336,7 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
                                           f"{tuple(request.latents.shape)}")
         else:
             noise = request.latents
-        denoiser = _guided_denoiser(sd, request, prompts, interval, invariant)
+        denoiser = _guided_denoiser(sd, request, prompts, interval, invariant, embeddings)
         name = request.sampler_name
         steps = sample_steps(denoiser, noise.to(sd.device, torch.float32), sampler=name, steps=request.steps,
                              schedule=request.resolved_schedule, eta=request.eta,
@@ -342,15 +351,54 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
               "batch_invariant": invariant, "model": getattr(sd, "source_name", sd.config.name),
               "model_sha256": getattr(sd, "source_sha256", None), "prediction": sd.prediction,
               "dtype": str(sd.dtype).replace("torch.", ""), "device": str(sd.device), "version": __version__}
-    return Result(to_pil(images), seeds, prompts, params, latents, request)
+    if loras:
+        params["lora_hashes"] = [[lora.name, weight, lora.hash] for lora, weight in loras]
+    if embeddings:
+        params["ti_hashes"] = [[e.name, e.hash] for e in embeddings.values()]
+    return Result(to_pil(images), seeds, request.texts, params, latents, request)
+
+
+def read_embeddings(sd, request: Generation, prompts: list[str]) -> dict[str, Embedding]:
+    """The embeddings of the request's folder that words of `prompts` name, checked against the text encoder."""
+    words = set().union(*map(prompt_words, prompts))
+    try:
+        found = find_embeddings(request.embeddings_dir, words)
+        return {name: check_width(Embedding.read(path), sd.config.text.width, sd.config.name)
+                for name, path in found.items()}
+    except EmbeddingError as e:
+        raise RequestError("embeddings_dir", str(e)) from None
+
+
+def read_loras(request: Generation) -> list[tuple[LoRA, float]]:
+    """The request's LoRA files (its `loras`, then its prompts' <lora:name:weight> tags), read."""
+    out = []
+    for name, weight in [*request.loras, *request.lora_tags]:
+        try:
+            out.append((LoRA.read(lora_file(name, request.lora_dir, request.lora_hashes)), weight))
+        except LoRAError as e:
+            raise RequestError("loras", str(e)) from None
+    return out
+
+
+@contextlib.contextmanager
+def _merged(sd, loras: list[tuple[LoRA, float]]) -> Iterator[None]:
+    """The model with these LoRAs merged for the block (shared with other runs using the same ones)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(using(sd, loras))
+        except LoRAError as e:
+            raise RequestError("loras", str(e)) from None
+        yield
 
 
 def _guided_denoiser(sd, request: Generation, prompts: list[str], interval: Interval | None,
-                     image_by_image: bool):
+                     image_by_image: bool, embeddings: dict[str, Embedding]):
     """The UNet as a guided denoiser of the request's prompts, one image's guidance pair at a time if asked."""
     guidance = request.guidance
-    cond = sd.encode_prompt(prompts, clip_skip=request.clip_skip)
-    uncond = sd.encode_prompt(request.negative_prompts, clip_skip=request.clip_skip) if guidance != 1.0 else None
+    negatives = request.negative_prompts if guidance != 1.0 else []
+    # A1111 prompts (emphasis, BREAK, chunks of 75 tokens), the negatives padded to the prompts' chunks and back
+    context = encode_prompts(sd, prompts + negatives, clip_skip=request.clip_skip, embeddings=embeddings)
+    cond, uncond = context[:len(prompts)], (context[len(prompts):] if negatives else None)
     if image_by_image and len(prompts) > 1:
         return ImageByImage([make_denoiser(sd, cond[i:i + 1], None if uncond is None else uncond[i:i + 1], guidance,
                                            request.guidance_rescale, interval) for i in range(len(prompts))])

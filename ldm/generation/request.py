@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ldm.config import Interval, check_interval
@@ -36,6 +38,9 @@ ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 SliceSize = int | Literal["auto"] | None  # attention query rows per slice; "auto"; None: no slicing
 
 
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:weight> in a prompt
+
+
 class RequestError(ValueError):
     """A request that cannot run: `field` names what to change (a server answers 4xx naming it, the command line
     names its flag in its place where the message starts with it)."""
@@ -50,7 +55,14 @@ class Generation:
     """One txt2img request, or img2img when `init_image` is given.
 
     prompt: one prompt, or a list (one image per prompt, times `batch_size`); image i gets seed `seed + i`
-        (AUTOMATIC1111's convention), None: a random seed.
+        (AUTOMATIC1111's convention), None: a random seed. Prompts are read as A1111 reads them: `(word:1.3)`
+        emphasis, `BREAK`, no 77-token limit (`ldm.generation.prompts`), and `<lora:name:weight>` tags, which
+        name a LoRA file in `lora_dir` and are taken out of the text.
+    loras: LoRA files to merge for this request, as (path or name in `lora_dir`, weight) pairs (`ldm.adapters`).
+    lora_hashes: (name, A1111 short hash) of LoRAs to find in `lora_dir` by hash when no file has their name (what
+        a replayed image's "Lora hashes" give).
+    embeddings_dir: a folder of textual inversion embeddings; a word of a prompt that names one of its files
+        stands for that embedding's vectors (`ldm.adapters.embeddings`).
     sampler: a name of `ldm.sampling.names` or an A1111 name ("DPM++ 2M Karras", whose schedule wins);
         schedule: the σ schedule of the k-samplers (ddim, plms and ddpm keep their discrete grid).
     guidance: the classifier-free guidance scale (A1111's "CFG scale"); 1 runs no unconditional pass.
@@ -88,6 +100,10 @@ class Generation:
     attention: str | None = None
     upcast_attention: bool | None = None
     attention_slicing: SliceSize = None
+    loras: tuple[tuple[str, float], ...] = ()
+    lora_dir: str | None = None
+    lora_hashes: tuple[tuple[str, str], ...] = ()
+    embeddings_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -120,6 +136,12 @@ class Generation:
             raise RequestError("attention", f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got "
                                             f"{self.attention!r}")
         check_slice_size(self.attention_slicing)
+        object.__setattr__(self, "loras", tuple((str(name), weight) for name, weight in self.loras))
+        object.__setattr__(self, "lora_hashes", tuple((str(name), str(h)) for name, h in self.lora_hashes))
+        for name, weight in self.loras:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise RequestError("loras", f"loras: the weight of {name} must be a finite number, got {weight!r}")
+        self.lora_tags  # checks the tags' weights
 
     def _check_numbers(self) -> None:
         def integer(name: str, low: int, high: int | None = None, bound: str | None = None) -> None:
@@ -174,8 +196,27 @@ class Generation:
 
     @property
     def prompts(self) -> list[str]:
-        """One prompt per image: each given prompt `batch_size` times."""
+        """One prompt per image: each given prompt `batch_size` times, its <lora:...> tags taken out."""
+        return [LORA_TAG.sub("", p) for p in self.prompts_given for _ in range(self.batch_size)]
+
+    @property
+    def texts(self) -> list[str]:
+        """One prompt per image as given, <lora:...> tags included (what an image's parameters record)."""
         return [p for p in self.prompts_given for _ in range(self.batch_size)]
+
+    @property
+    def lora_tags(self) -> tuple[tuple[str, float], ...]:
+        """The (name, weight) of every <lora:name:weight> tag of the prompts (weight 1 when not given)."""
+        found = {}
+        for prompt in self.prompts_given:
+            for match in LORA_TAG.finditer(prompt):
+                name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+                try:
+                    found[name] = float(weight)
+                except ValueError:
+                    raise RequestError("prompt", f"prompt: the weight {weight!r} of <lora:{name}:...> is not a "
+                                                 "number") from None
+        return tuple(found.items())
 
     @property
     def negative_prompts(self) -> list[str]:
@@ -226,6 +267,8 @@ class Generation:
                    vae_tiling=self.tile_size, requested_width=self.width, requested_height=self.height)
         if not self.img2img:
             del out["strength"]
+        if self.loras:
+            out["loras"] = [[name, weight] for name, weight in self.loras]
         return out
 
     @classmethod
@@ -241,6 +284,10 @@ class Generation:
             fields.pop("strength", None)
         if fields.get("guidance_interval") is not None:
             fields["guidance_interval"] = tuple(fields["guidance_interval"])
+        if "loras" in fields:
+            fields["loras"] = tuple((name, weight) for name, weight in fields["loras"])
+        if p.get("lora_hashes"):
+            fields["lora_hashes"] = tuple((name, h) for name, _, h in p["lora_hashes"])
         return cls(**fields)
 
     # --- checks that need the model ---------------------------------------------------------------------------
@@ -266,10 +313,11 @@ class Generation:
 
 # fields a PNG records as they are, and those a replay takes back (not the memory options, nor the batch)
 PNG_FIELDS = ("negative_prompt", "steps", "guidance", "guidance_rescale", "guidance_interval", "eta", "clip_skip",
-              "strength", "attention", "upcast_attention", "vae_slicing", "attention_slicing")
+              "strength", "attention", "upcast_attention", "vae_slicing", "attention_slicing", "lora_dir",
+              "embeddings_dir")
 REPLAYED_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "guidance",
                    "guidance_rescale", "guidance_interval", "eta", "width", "height", "clip_skip", "strength",
-                   "attention", "upcast_attention")
+                   "attention", "upcast_attention", "loras", "lora_dir", "embeddings_dir")
 
 
 def check_size_multiple(name: str, value: int, multiple: int) -> None:
@@ -286,3 +334,24 @@ def check_slice_size(slice_size: SliceSize) -> SliceSize:
         raise RequestError("attention_slicing", f"attention_slicing must be a positive integer (query rows), 'auto' or None, got "
                                                 f"{slice_size!r}")
     return slice_size
+
+
+def lora_file(name: str, lora_dir: str | None, hashes: tuple[tuple[str, str], ...] = ()) -> Path:
+    """A LoRA given as a file, or as a name in `lora_dir` (with or without its extension), or, for a name that is
+    not there but has a known hash (`hashes`: a replayed image's "Lora hashes"), the file of `lora_dir` with that
+    hash."""
+    if Path(name).is_file():
+        return Path(name)
+    if lora_dir is not None and Path(lora_dir).is_dir():
+        from ldm.adapters.hashes import find_by_hash
+
+        for ext in ("", ".safetensors", ".pt", ".ckpt"):
+            path = Path(lora_dir) / f"{name}{ext}"
+            if path.is_file():
+                return path
+        wanted = dict(hashes).get(name)
+        found = find_by_hash(lora_dir, wanted) if wanted else None
+        if found is not None:
+            return found
+    where = f" in {lora_dir}" if lora_dir is not None else " (give its file, or the folder of LoRAs: --lora-dir)"
+    raise RequestError("loras", f"LoRA {name!r} not found{where}")

@@ -108,20 +108,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
         except (SafetensorError, json.JSONDecodeError, RuntimeError) as e:
             raise CheckpointError(f"{path} is a corrupt safetensors file ({e}). Download it again.") from None
         return tensors, metadata
-    try:
-        with torch.serialization.safe_globals(_SAFE_STUBS):
-            obj = _torch_load(path, fmt)
-    except Exception as e:  # noqa: BLE001 - any failure of the restricted unpickler means "refused"
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "global" in str(e).lower():
-            # torch's message advises `weights_only=False` or allow-listing, i.e. running the payload; name only
-            # the offending global.
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            why = f"it asks for {found.group(1)}" if found else "unsupported pickle data"
-            raise CheckpointError(
-                f"refused to load {path}: its pickle needs Python objects beyond plain tensors ({why}). ldm never "
-                "runs code from a checkpoint. Use the .safetensors version of this model.") from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({msg})") from None
+    obj = read_pickle(path, fmt)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -132,6 +119,25 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     if not tensors:
         raise CheckpointError(f"{path} contains no tensors")
     return tensors, metadata
+
+
+def read_pickle(path: Path, fmt: str | None = None) -> Any:
+    """The object a torch pickle (.ckpt, .pt, .bin) holds, through the restricted unpickler: tensors, numbers,
+    strings and containers only; anything that would run code is refused with a CheckpointError."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_STUBS):
+            return _torch_load(path, fmt or sniff_format(path))
+    except Exception as e:  # noqa: BLE001 - any failure of the restricted unpickler means "refused"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "global" in str(e).lower():
+            # torch's message advises `weights_only=False` or allow-listing, i.e. running the payload; name only
+            # the offending global.
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            why = f"it asks for {found.group(1)}" if found else "unsupported pickle data"
+            raise CheckpointError(
+                f"refused to load {path}: its pickle needs Python objects beyond plain tensors ({why}). ldm never "
+                "runs code from a checkpoint. Use the .safetensors version of this file.") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({msg})") from None
 
 
 def _torch_load(path: Path, fmt: str) -> Any:

@@ -1,0 +1,126 @@
+"""Textual inversion embeddings (Gal et al. 2022): learned token vectors that a word of the prompt stands for.
+
+Files: AUTOMATIC1111's `.pt` (`string_to_param: {"*": (n, D)}`, read through the restricted unpickler, never
+running code) and `.safetensors` (`emb_params`), and diffusers' `learned_embeds` (one tensor, (D,) or (n, D),
+under the token's name). The file's name (without its extension) is the word that calls it in a prompt; a prompt's
+words are looked up in the request's embeddings folder. Its n vectors take the place of n tokens in the prompt's
+chunk (a chunk too full to hold them ends there, as in A1111), and the text encoder reads them instead of the
+vocabulary's vectors at those places. D must be the text encoder's width (768 for SD1, 1024 for SD2).
+
+The vectors reach the text encoder through a forward hook on its token embedding, which reads what to place from
+a context variable set for the one encoding call (`placed`): other threads' calls see nothing of it.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ldm.adapters.hashes import file_hash
+
+EXTENSIONS = (".pt", ".safetensors", ".bin")
+HOOK_ATTR = "_ldm_embedding_hook"
+# (row, first position, vectors) of the token-embedding output to replace in the encoding call in progress
+_SLOTS: ContextVar[tuple[tuple[int, int, Tensor], ...]] = ContextVar("ldm_embedding_slots", default=())
+_INSTALL = threading.Lock()
+
+
+class EmbeddingError(ValueError):
+    """An embedding file that cannot be used with this model."""
+
+
+@dataclass(frozen=True)
+class Embedding:
+    name: str
+    vectors: Tensor  # (n, D)
+    source: str
+    hash: str = ""  # A1111's "TI hashes": the first 12 hex digits of the file's sha256
+
+    @classmethod
+    def read(cls, path: str | Path) -> Embedding:
+        from ldm.models.checkpoint import read_pickle, read_state_dict, sniff_format
+
+        path = Path(path)
+        if sniff_format(path) == "safetensors":
+            data = read_state_dict(path)[0]
+        else:
+            data = read_pickle(path)
+        return cls(path.stem, _vectors(data, path), str(path), file_hash(path))
+
+
+def _vectors(data, path: Path) -> Tensor:
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path} holds a {type(data).__name__}, not an embedding")
+    if "string_to_param" in data:  # A1111 .pt
+        params = data["string_to_param"]
+        tensors = list(params.values()) if isinstance(params, dict) else []
+    elif "emb_params" in data:  # A1111 .safetensors
+        tensors = [data["emb_params"]]
+    elif "clip_l" in data or "clip_g" in data:
+        raise EmbeddingError(f"{path} is an SDXL embedding (clip_l / clip_g), not one for SD 1.x / 2.x")
+    else:  # diffusers: {token: tensor}
+        tensors = [v for v in data.values() if isinstance(v, Tensor)]
+    if len(tensors) != 1 or not isinstance(tensors[0], Tensor):
+        raise EmbeddingError(f"{path} is not a textual inversion embedding (A1111 string_to_param / emb_params, or "
+                             f"diffusers' learned_embeds); keys: {sorted(map(str, data))[:8]}")
+    vectors = tensors[0].detach().float()
+    return vectors[None] if vectors.ndim == 1 else vectors.reshape(-1, vectors.shape[-1])
+
+
+def find(folder: str | Path | None, words: set[str]) -> dict[str, Path]:
+    """The embedding files in `folder` whose names are among `words`."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EmbeddingError(f"embeddings folder not found: {folder}")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in EXTENSIONS and p.stem in words}
+
+
+def check_width(embedding: Embedding, width: int, model: str) -> Embedding:
+    if embedding.vectors.shape[-1] != width:
+        raise EmbeddingError(f"{embedding.source} has {embedding.vectors.shape[-1]}-wide vectors, for another "
+                             f"model; this {model} model's text encoder takes {width}")
+    return embedding
+
+
+def token_embedding(sd) -> nn.Embedding:
+    encoder = sd.cond_stage_model
+    if hasattr(encoder, "transformer"):
+        return encoder.transformer.text_model.embeddings.token_embedding
+    return encoder.model.token_embedding
+
+
+def install(sd) -> None:
+    """Puts the hook that places embeddings on `sd`'s token embedding (once per model)."""
+    module = token_embedding(sd)
+    with _INSTALL:
+        if HOOK_ATTR not in module.__dict__:
+            module.register_forward_hook(_place)
+            module.__dict__[HOOK_ATTR] = True
+
+
+def _place(module: nn.Module, inputs, output: Tensor) -> Tensor:
+    slots = _SLOTS.get()
+    if not slots:
+        return output
+    output = output.clone()
+    for row, start, vectors in slots:
+        output[row, start:start + vectors.shape[0]] = vectors.to(output.device, output.dtype)
+    return output
+
+
+@contextlib.contextmanager
+def placed(slots: tuple[tuple[int, int, Tensor], ...]) -> Iterator[None]:
+    """Within the block (in this thread or task), the token embedding's output (B, T, D) has vectors[i] at row
+    `row`, positions start + i, for each (row, start, vectors) of `slots`."""
+    token = _SLOTS.set(slots)
+    try:
+        yield
+    finally:
+        _SLOTS.reset(token)
