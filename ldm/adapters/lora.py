@@ -105,6 +105,53 @@ class LoRA:
                 return fmt
         raise LoRAError(f"{self.source}: layer {key} has only {sorted(parts)}; no LoRA weights")
 
+    def size(self, key: str) -> tuple[int, int]:
+        """(rows, columns) of the layer's ΔW as a matrix, from its tensors' shapes alone."""
+        parts = self.layers[key]
+        fmt = self.format_of(key)
+        if fmt in ("lora", "peft"):
+            down, up = ((parts["lora_down.weight"], parts["lora_up.weight"]) if fmt == "lora"
+                        else (parts["lora_A.weight"], parts["lora_B.weight"]))
+            return up.shape[0], down[0].numel()
+        if fmt == "loha":
+            return parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]
+        w1 = ((parts["lokr_w1"].shape[0], parts["lokr_w1"].shape[1]) if "lokr_w1" in parts
+              else (parts["lokr_w1_a"].shape[0], parts["lokr_w1_b"].shape[1]))
+        w2 = ((parts["lokr_w2"].shape[0], parts["lokr_w2"][0].numel()) if "lokr_w2" in parts
+              else (parts["lokr_w2_a"].shape[0], parts["lokr_w2_b"][0].numel()))
+        return w1[0] * w2[0], w1[1] * w2[1]
+
+    def check(self, key: str, shape: torch.Size) -> None:
+        """LoRAError unless the layer's ΔW fits a weight of `shape`."""
+        rows, columns = self.size(key)
+        if rows != shape[0] or rows * columns != torch.Size(shape).numel():
+            raise LoRAError(f"{self.source}: layer {key} has a {rows}x{columns} update for a weight of shape "
+                            f"{tuple(shape)}; is the LoRA for another model?")
+
+    def add_to(self, key: str, weights: Tensor, strength: float, out: Tensor | None = None) -> Tensor:
+        """weights + strength · ΔW, into `out` (default: in place). An fp32 weight takes a low-rank update as one
+        matrix product accumulated into it (no ΔW is made); others get ΔW computed in fp32, added, and rounded
+        once. Returns `out`."""
+        out = weights if out is None else out
+        parts = self.layers[key]
+        fmt = self.format_of(key)
+        if fmt in ("lora", "peft") and weights.dtype == torch.float32 and weights.is_contiguous() \
+                and not any(k in parts for k in ("dora_scale", "lora_mid.weight")):
+            down, up = ((parts["lora_down.weight"], parts["lora_up.weight"]) if fmt == "lora"
+                        else (parts["lora_A.weight"], parts["lora_B.weight"]))
+            rank = down.shape[0]
+            alpha = parts.get("alpha")
+            scale = 1.0 if alpha is None else float(alpha) / rank
+            device = weights.device
+            torch.addmm(weights.view(weights.shape[0], -1), up.reshape(up.shape[0], rank).to(device, torch.float32),
+                        down.reshape(rank, -1).to(device, torch.float32), alpha=scale * strength,
+                        out=out.view(out.shape[0], -1))
+            return out
+        delta = self.delta(key, weights.shape).to(weights.device)
+        if weights.dtype == torch.float32:
+            return torch.add(weights, delta, alpha=strength, out=out)
+        return out.copy_((weights.float() + strength * delta).to(weights.dtype))
+
     def delta(self, key: str, shape: torch.Size) -> Tensor:
         """ΔW of one layer in fp32, of the given weight shape."""
         parts = {k: v.float() for k, v in self.layers[key].items()}
@@ -197,14 +244,15 @@ def _text_layers(sd) -> dict[str, Target]:
 
 @dataclass
 class Merged:
-    """LoRAs merged into a model; `restore()` gives it its original weights back, bit for bit."""
+    """LoRAs merged into a model; `restore()` gives it its original weights back, bit for bit: the merged weights
+    are new tensors, and restoring hands each parameter its original tensor again (nothing is copied)."""
     originals: dict[tuple[int, str], tuple[nn.Module, str, Tensor]] = field(default_factory=dict)
     loras: list[tuple[str, float]] = field(default_factory=list)
 
     @torch.no_grad()
     def restore(self) -> None:
         for module, param, original in self.originals.values():
-            getattr(module, param).copy_(original)
+            getattr(module, param).data = original
         self.originals.clear()
         self.loras.clear()
 
@@ -224,15 +272,26 @@ def merge(sd, loras: list[tuple[LoRA, float]]) -> Merged:
         if missing:
             raise LoRAError(f"{lora.source}: {len(missing)} of its {len(lora.layers)} layers match no layer of this "
                             f"{sd.config.name} model ({_kind(missing)}): {_listed(missing)}")
-        plan.extend((table[key], lora.delta(key, table[key].weight.shape), weight) for key in lora.layers)
+        for key in lora.layers:
+            lora.check(key, table[key].weight.shape)
+            plan.append((table[key], lora, key, weight))
     merged = Merged(loras=[(lora.name, weight) for lora, weight in loras])
-    for target, delta, weight in plan:
+    for target, lora, key, weight in plan:
         param = getattr(target.module, target.param)
-        key = (id(target.module), target.param)
-        if key not in merged.originals:
-            merged.originals[key] = (target.module, target.param, param.detach().clone())
-        rows = param if target.rows is None else param[target.rows]
-        rows.copy_((rows.float() + weight * delta.to(rows.device)).to(rows.dtype))
+        owner = (id(target.module), target.param)
+        if owner not in merged.originals:  # the first update of a weight writes the merged weight as a new tensor
+            original = param.data
+            merged.originals[owner] = (target.module, target.param, original)
+            new = torch.empty_like(original, memory_format=torch.contiguous_format)
+            if target.rows is not None:  # part of the weight: the rest as it was
+                new.copy_(original)
+                lora.add_to(key, original[target.rows], weight, out=new[target.rows])
+            else:
+                lora.add_to(key, original, weight, out=new)
+            param.data = new
+        else:
+            rows = param.data if target.rows is None else param.data[target.rows]
+            lora.add_to(key, rows, weight)
     return merged
 
 
