@@ -262,7 +262,8 @@ def test_the_png_records_lora_and_ti_hashes_and_replays_them(tmp_path, tiny):
     assert info["TI hashes"] == f"shiny: {hashlib.sha256((tmp_path / 'shiny.pt').read_bytes()).hexdigest()[:12]}"
     replay = ldm.Generation.from_params(read_png_params(png))
     assert torch.equal(ldm.generate(sd, replay).latents, result.latents)
-    path.rename(tmp_path / "renamed.safetensors")  # a renamed file is found by its hash
+    path.rename(tmp_path / "renamed.safetensors")  # renamed files are found by their hashes
+    (tmp_path / "shiny.pt").rename(tmp_path / "shiny-v2.pt")
     assert torch.equal(ldm.generate(sd, ldm.Generation.from_params(read_png_params(png))).latents, result.latents)
 
 

@@ -52,6 +52,10 @@ class Embedding:
             data = read_pickle(path)
         return cls(path.stem, _vectors(data, path), str(path), file_hash(path))
 
+    def named(self, name: str) -> Embedding:
+        """The same vectors under another name (a renamed file found by its hash keeps the prompt's word)."""
+        return Embedding(name, self.vectors, self.source, self.hash)
+
 
 def _vectors(data, path: Path) -> Tensor:
     if not isinstance(data, dict):
@@ -72,14 +76,22 @@ def _vectors(data, path: Path) -> Tensor:
     return vectors[None] if vectors.ndim == 1 else vectors.reshape(-1, vectors.shape[-1])
 
 
-def find(folder: str | Path | None, words: set[str]) -> dict[str, Path]:
-    """The embedding files in `folder` whose names are among `words`."""
+def find(folder: str | Path | None, words: set[str], hashes: tuple[tuple[str, str], ...] = ()) -> dict[str, Path]:
+    """The embedding files in `folder` whose names are among `words`; and for a word of `hashes` (name, A1111 hash:
+    a replayed image's "TI hashes") that no file is named, the file with that hash."""
     if folder is None:
         return {}
     folder = Path(folder)
     if not folder.is_dir():
         raise EmbeddingError(f"embeddings folder not found: {folder}")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in EXTENSIONS and p.stem in words}
+    files = [p for p in sorted(folder.iterdir()) if p.suffix in EXTENSIONS and p.is_file()]
+    found = {p.stem: p for p in files if p.stem in words}
+    wanted = {h: name for name, h in hashes if name in words and name not in found}
+    for path in files if wanted else []:
+        name = wanted.get(file_hash(path))
+        if name is not None:
+            found[name] = path
+    return found
 
 
 def check_width(embedding: Embedding, width: int, model: str) -> Embedding:

@@ -362,8 +362,8 @@ def read_embeddings(sd, request: Generation, prompts: list[str]) -> dict[str, Em
     """The embeddings of the request's folder that words of `prompts` name, checked against the text encoder."""
     words = set().union(*map(prompt_words, prompts))
     try:
-        found = find_embeddings(request.embeddings_dir, words)
-        return {name: check_width(Embedding.read(path), sd.config.text.width, sd.config.name)
+        found = find_embeddings(request.embeddings_dir, words, request.ti_hashes)
+        return {name: check_width(Embedding.read(path).named(name), sd.config.text.width, sd.config.name)
                 for name, path in found.items()}
     except EmbeddingError as e:
         raise RequestError("embeddings_dir", str(e)) from None

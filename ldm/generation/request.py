@@ -62,7 +62,8 @@ class Generation:
     lora_hashes: (name, A1111 short hash) of LoRAs to find in `lora_dir` by hash when no file has their name (what
         a replayed image's "Lora hashes" give).
     embeddings_dir: a folder of textual inversion embeddings; a word of a prompt that names one of its files
-        stands for that embedding's vectors (`ldm.adapters.embeddings`).
+        stands for that embedding's vectors (`ldm.adapters.embeddings`); ti_hashes: (word, A1111 hash) of
+        embeddings to find by hash when no file has the word's name (a replayed image's "TI hashes").
     sampler: a name of `ldm.sampling.names` or an A1111 name ("DPM++ 2M Karras", whose schedule wins);
         schedule: the σ schedule of the k-samplers (ddim, plms and ddpm keep their discrete grid).
     guidance: the classifier-free guidance scale (A1111's "CFG scale"); 1 runs no unconditional pass.
@@ -104,6 +105,7 @@ class Generation:
     lora_dir: str | None = None
     lora_hashes: tuple[tuple[str, str], ...] = ()
     embeddings_dir: str | None = None
+    ti_hashes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -137,7 +139,8 @@ class Generation:
                                             f"{self.attention!r}")
         check_slice_size(self.attention_slicing)
         object.__setattr__(self, "loras", tuple((str(name), weight) for name, weight in self.loras))
-        object.__setattr__(self, "lora_hashes", tuple((str(name), str(h)) for name, h in self.lora_hashes))
+        for name in ("lora_hashes", "ti_hashes"):
+            object.__setattr__(self, name, tuple((str(key), str(h)) for key, h in getattr(self, name)))
         for name, weight in self.loras:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise RequestError("loras", f"loras: the weight of {name} must be a finite number, got {weight!r}")
@@ -288,6 +291,8 @@ class Generation:
             fields["loras"] = tuple((name, weight) for name, weight in fields["loras"])
         if p.get("lora_hashes"):
             fields["lora_hashes"] = tuple((name, h) for name, _, h in p["lora_hashes"])
+        if p.get("ti_hashes"):
+            fields["ti_hashes"] = tuple((name, h) for name, h in p["ti_hashes"])
         return cls(**fields)
 
     # --- checks that need the model ---------------------------------------------------------------------------
