@@ -86,22 +86,11 @@ def transformer_block(self: unet.BasicTransformerBlock, x: Tensor, context: Tens
 
 
 def spatial_transformer(self: unet.SpatialTransformer, x: Tensor, context: Tensor) -> Tensor:
-    _, _, h, w = x.shape
-    x_in = x
-    x = self.norm(x)
-    if not self.use_linear:
-        x = self.proj_in(x)
-    x = x.flatten(2).transpose(1, 2)                  # (B, N, C)
-    if self.use_linear:
-        x = self.proj_in(x)
+    tokens = self.project_in(x)
     for block in self.transformer_blocks:
-        x = block(x, context)                         # (k * B, N, C)
-    if self.use_linear:
-        x = self.proj_out(x)
-    x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-    if not self.use_linear:
-        x = self.proj_out(x)
-    return add_into(x, repeat_batch(x_in, x.shape[0]))
+        tokens = block(tokens, context)                   # (k * B, N, C)
+    out = self.project_out(tokens, *x.shape[2:])
+    return add_into(out, repeat_batch(x, out.shape[0]))
 
 
 def unet_upsample(self: unet.Upsample, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:

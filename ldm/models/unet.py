@@ -140,23 +140,26 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth))
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        _, _, h, w = x.shape
-        x_in = x
+    def project_in(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> normalised and projected tokens (B, N, inner)."""
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
         x = x.flatten(2).transpose(1, 2)                  # (B, N, C)
-        if self.use_linear:
-            x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context)
+        return self.proj_in(x) if self.use_linear else x
+
+    def project_out(self, x: Tensor, h: int, w: int) -> Tensor:
+        """Tokens (B, N, inner) -> the block's residual (B, C, H, W)."""
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, C, H, W)
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
+        return x if self.use_linear else self.proj_out(x)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        tokens = self.project_in(x)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return self.project_out(tokens, *x.shape[2:]) + x  # the output's memory layout, as the original
 
 
 class Downsample(nn.Module):
