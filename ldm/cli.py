@@ -18,7 +18,7 @@ from typing import Any
 
 from ldm import __version__
 from ldm.demo import DEMO_CHECKPOINT
-from ldm.generation.request import Generation, RequestError, lora_file
+from ldm.generation.request import HIRES_UPSCALERS, Generation, RequestError, lora_file
 from ldm.sampling.names import ETA_SAMPLERS, NAMES, infotext_name
 
 # Commands defined in modules of their own, imported only when one of them is asked for (they import torch and the
@@ -38,7 +38,8 @@ REQUEST_FIELDS = {
     "height": "height", "n_samples": "batch_size", "clip_skip": "clip_skip", "strength": "strength",
     "attention": "attention", "upcast_attention": "upcast_attention", "vae_tiling": "vae_tiling",
     "vae_tile_size": "vae_tile_size", "vae_slicing": "vae_slicing", "attention_slicing": "attention_slicing",
-    "loras": "loras", "lora_dir": "lora_dir", "embeddings_dir": "embeddings_dir",
+    "loras": "loras", "lora_dir": "lora_dir", "embeddings_dir": "embeddings_dir", "hires_scale": "hires_scale",
+    "hires_steps": "hires_steps", "hires_denoise": "hires_denoise", "hires_upscaler": "hires_upscaler",
 }
 FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img", "loras": "--lora"}
 # The other flags' defaults.
@@ -136,6 +137,16 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--embeddings-dir", dest="embeddings_dir", default=S, metavar="DIR",
                    help="a folder of textual inversion embeddings (.pt, .safetensors): a word of the prompt that "
                         "names one of its files stands for its vectors")
+    if not img2img:
+        p.add_argument("--hires-scale", dest="hires_scale", type=float, default=S, metavar="X",
+                       help="hires fix: upscale the images by X and sample them again at that size (A1111)")
+        p.add_argument("--hires-steps", dest="hires_steps", type=int, default=S,
+                       help="steps of the hires pass's schedule (default: --steps)")
+        p.add_argument("--hires-denoise", dest="hires_denoise", type=float, default=S,
+                       help=f"strength of the hires pass, in (0, 1] (default {DEFAULT.hires_denoise})")
+        p.add_argument("--hires-upscaler", dest="hires_upscaler", default=S,
+                       help=f"how to upscale: {', '.join(repr(n) for n in HIRES_UPSCALERS)} "
+                            f"(default {DEFAULT.hires_upscaler!r})")
     if img2img:
         p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")
         p.add_argument("--strength", type=float, default=S,

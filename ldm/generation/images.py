@@ -92,7 +92,9 @@ def infotext(p: dict[str, Any]) -> str:
               ("CFG scale", p.get("guidance")), ("Seed", p.get("seed")),
               ("Size", f"{p['width']}x{p['height']}" if "width" in p else None),
               ("Model hash", (p.get("model_sha256") or "")[:10] or None), ("Model", p.get("model")),
-              ("Denoising strength", p.get("strength")), ("Clip skip", p.get("clip_skip") if p.get("clip_skip", 1) != 1 else None),
+              ("Denoising strength", p.get("strength", p.get("hires_denoise"))), ("Clip skip", p.get("clip_skip") if p.get("clip_skip", 1) != 1 else None),
+              ("Hires upscale", p.get("hires_scale")), ("Hires steps", p.get("hires_steps") or None),
+              ("Hires upscaler", p.get("hires_upscaler")),
               ("Lora hashes", _hashes(f"{name}: {h}" for name, _, h in p.get("lora_hashes") or [])),
               ("TI hashes", _hashes(f"{name}: {h}" for name, h in p.get("ti_hashes") or [])),
               ("Version", f"ldm {p['version']}" if "version" in p else None)]

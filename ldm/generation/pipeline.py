@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import os
 import random
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -42,7 +44,8 @@ from ldm.config import Interval, check_interval
 from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
 from ldm.generation.prompts import encode as encode_prompts
 from ldm.generation.prompts import words as prompt_words
-from ldm.generation.request import MAX_SEED, Generation, RequestError, check_size_multiple, lora_file
+from ldm.generation.request import (HIRES_UPSCALERS, MAX_SEED, Generation, RequestError, check_size_multiple,
+                                    lora_file)
 from ldm.models import attention
 from ldm.sampling.denoisers import DiscreteDenoiser
 from ldm.sampling.guidance import CFGDenoiser
@@ -312,7 +315,10 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     generators = generators_for(seeds)
     interval = model_interval(sd, request.guidance_interval)
     width, height = _size(sd, request)
-    check_memory(sd, width, height, len(prompts), rows_per_unet_call(len(prompts), invariant, request.guidance),
+    final = request.hires_size(width, height, f) if request.hires else (width, height)
+    if request.hires:
+        check_size(*final, f)
+    check_memory(sd, *final, len(prompts), rows_per_unet_call(len(prompts), invariant, request.guidance),
                  1 if vae_by_image else len(prompts), request.tile_size)
     settings = {"backend": request.attention, "upcast": request.upcast_attention}
     if request.attention_slicing is not None:
@@ -337,15 +343,20 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         else:
             noise = request.latents
         denoiser = _guided_denoiser(sd, request, prompts, interval, invariant, embeddings)
-        name = request.sampler_name
-        steps = sample_steps(denoiser, noise.to(sd.device, torch.float32), sampler=name, steps=request.steps,
-                             schedule=request.resolved_schedule, eta=request.eta,
-                             generators=generators if name in STOCHASTIC_SAMPLERS else None,
-                             init_latent=init, strength=request.strength if request.img2img else 1.0)
-        with accel.sampling(sd.unet, rows_per_unet_call(len(prompts), invariant, request.guidance), *shape[1:]):
-            latents = yield from steps
+        strength = request.strength if request.img2img else 1.0
+        hires_steps = request.hires_steps or request.steps
+        first = int(strength * request.steps)  # the steps an img2img pass runs of its schedule (all for txt2img)
+        total = first + (int(request.hires_denoise * hires_steps) if request.hires else 0)
+        latents = yield from _sample(sd, request, denoiser, noise, init, strength, request.steps, generators,
+                                     invariant, offset=0, total=total)
+        if request.hires:  # A1111's hires fix: upscale, then img2img at the larger size
+            init = _upscale(sd, request, latents, final, generators, vae_by_image)
+            noise = randn(init.shape[1:], generators, device=sd.device)
+            latents = yield from _sample(sd, request, denoiser, noise, init, request.hires_denoise, hires_steps,
+                                         generators, invariant, offset=first, total=total)
         images = decode(sd, latents, image_by_image=vae_by_image, tile_size=request.tile_size)
-    params = {**request.params(), "width": int(width), "height": int(height), "guidance_interval":
+    params = {**request.params(), "width": int(width), "height": int(height), "final_width": int(final[0]),
+              "final_height": int(final[1]), "guidance_interval":
               None if interval is None else list(interval), "attention": used.backend,
               "upcast_attention": used.upcast, "attention_slicing": used.slice_size, "vae_slicing": vae_by_image,
               "batch_invariant": invariant, "model": getattr(sd, "source_name", sd.config.name),
@@ -356,6 +367,42 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     if embeddings:
         params["ti_hashes"] = [[e.name, e.hash] for e in embeddings.values()]
     return Result(to_pil(images), seeds, request.texts, params, latents, request)
+
+
+def _sample(sd, request: Generation, denoiser, noise: Tensor, init: Tensor | None, strength: float, steps: int,
+            generators, invariant: bool, offset: int, total: int) -> Generator[Step, None, Tensor]:
+    """One sampling pass of the request's sampler; its steps are numbered from `offset` out of `total` (the steps of
+    all passes)."""
+    name = request.sampler_name
+    run = sample_steps(denoiser, noise.to(sd.device, torch.float32), sampler=name, steps=steps,
+                       schedule=request.resolved_schedule, eta=request.eta,
+                       generators=generators if name in STOCHASTIC_SAMPLERS else None, init_latent=init,
+                       strength=strength)
+    with accel.sampling(sd.unet, rows_per_unet_call(noise.shape[0], invariant, request.guidance), *noise.shape[2:]):
+        while True:
+            try:
+                step = next(run)
+            except StopIteration as done:
+                return done.value
+            yield dataclasses.replace(step, i=offset + step.i, total=total)
+
+
+def _upscale(sd, request: Generation, latents: Tensor, size: tuple[int, int], generators,
+             image_by_image: bool) -> Tensor:
+    """The hires fix's starting point: the first pass's latents at `size` (width, height) pixels, by latent
+    interpolation, or decoded, resized with PIL and encoded again (a posterior sample from each image's
+    generator, as img2img draws it)."""
+    kind, mode, antialias = HIRES_UPSCALERS[request.hires_upscaler]
+    f = sd.config.vae.downsample_factor
+    if kind == "latent":
+        return F.interpolate(latents, size=(size[1] // f, size[0] // f), mode=mode, antialias=antialias)
+    images = decode(sd, latents, image_by_image=image_by_image, tile_size=request.tile_size)
+    resample = Image.Resampling.LANCZOS if mode == "lanczos" else Image.Resampling.NEAREST
+    pixels = torch.cat([from_pil(im.resize(size, resample)) for im in to_pil(images)])
+    posterior = sd.vae.encode(pixels.to(sd.device), tiled=request.vae_tiling, tile_size=request.vae_tile_size)
+    accel.release(sd.vae)
+    eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
+    return (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor
 
 
 def read_embeddings(sd, request: Generation, prompts: list[str]) -> dict[str, Embedding]:

@@ -36,6 +36,14 @@ DEFAULT_TILE_SIZE = 512  # VAE tile side in image pixels (`ldm.models.tiling`)
 SCHEDULES = ("discrete", "karras", "exponential")
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 SliceSize = int | Literal["auto"] | None  # attention query rows per slice; "auto"; None: no slicing
+# hires fix upscalers, by A1111's names (what its infotext records): latent modes (torch interpolate mode,
+# antialias) upscale the latents; pixel modes decode, resize the image with PIL and encode again
+HIRES_UPSCALERS = {
+    "Latent": ("latent", "bilinear", False), "Latent (antialiased)": ("latent", "bilinear", True),
+    "Latent (bicubic)": ("latent", "bicubic", False), "Latent (bicubic antialiased)": ("latent", "bicubic", True),
+    "Latent (nearest)": ("latent", "nearest", False), "Latent (nearest-exact)": ("latent", "nearest-exact", False),
+    "Lanczos": ("pixel", "lanczos", False), "Nearest": ("pixel", "nearest", False),
+}
 
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:weight> in a prompt
@@ -72,6 +80,10 @@ class Generation:
         rounded down to a multiple of 8 (img2img; other sizes resize it with Lanczos).
     init_image (img2img): a PIL image, or a tensor (3, H, W) / (1, 3, H, W) in [-1, 1]; `strength` in (0, 1]
         is how much of the schedule runs from it. latents (txt2img): (B, 4, h, w) replacing the initial noise.
+    hires_scale (txt2img; A1111's "hires fix"): above 1, the images made at width x height are upscaled by it
+        (`hires_upscaler`, one of HIRES_UPSCALERS: latent interpolation, or Lanczos on the decoded pixels) and
+        sampled again at the larger size as img2img with strength `hires_denoise`, over `hires_steps` steps (0: as
+        many as `steps`).
     batch_invariant: run the networks image by image, so that a batch equals its images made alone, bit for bit
         (None: on CPU). vae_tiling / vae_tile_size / vae_slicing / attention_slicing: less memory, the same image up
         to float rounding (`ldm.generation.pipeline`). attention / upcast_attention: the attention backend, and
@@ -106,6 +118,10 @@ class Generation:
     lora_hashes: tuple[tuple[str, str], ...] = ()
     embeddings_dir: str | None = None
     ti_hashes: tuple[tuple[str, str], ...] = ()
+    hires_scale: float = 1.0
+    hires_steps: int = 0
+    hires_denoise: float = 0.7
+    hires_upscaler: str = "Latent"
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -138,6 +154,14 @@ class Generation:
             raise RequestError("attention", f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got "
                                             f"{self.attention!r}")
         check_slice_size(self.attention_slicing)
+        upscaler = {name.lower(): name for name in HIRES_UPSCALERS}.get(str(self.hires_upscaler).lower())
+        if upscaler is None:
+            raise RequestError("hires_upscaler", f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got "
+                                                 f"{self.hires_upscaler!r}")
+        object.__setattr__(self, "hires_upscaler", upscaler)
+        if self.hires and self.img2img:
+            raise RequestError("hires_scale", "hires_scale is for txt2img; an img2img request sets its size with "
+                                              "width and height")
         object.__setattr__(self, "loras", tuple((str(name), weight) for name, weight in self.loras))
         for name in ("lora_hashes", "ti_hashes"):
             object.__setattr__(self, name, tuple((str(key), str(h)) for key, h in getattr(self, name)))
@@ -170,6 +194,9 @@ class Generation:
         number("guidance", 0.0)
         number("guidance_rescale", 0.0, 1.0)
         number("strength", 0.0, 1.0, low_open=True)
+        number("hires_scale", 1.0, 8.0)
+        number("hires_denoise", 0.0, 1.0, low_open=True)
+        integer("hires_steps", 0)
         if self.eta is not None:
             number("eta", 0.0)
         for name in ("width", "height"):
@@ -242,6 +269,15 @@ class Generation:
         return alias_schedule or self.schedule or "discrete"
 
     @property
+    def hires(self) -> bool:
+        return self.hires_scale != 1.0
+
+    def hires_size(self, width: int, height: int, multiple: int) -> tuple[int, int]:
+        """The second pass's size: the first's times hires_scale, rounded down to a multiple of the VAE's factor."""
+        return (int(width * self.hires_scale) // multiple * multiple,
+                int(height * self.hires_scale) // multiple * multiple)
+
+    @property
     def tile_size(self) -> int | None:
         return self.vae_tile_size if self.vae_tiling else None
 
@@ -270,6 +306,9 @@ class Generation:
                    vae_tiling=self.tile_size, requested_width=self.width, requested_height=self.height)
         if not self.img2img:
             del out["strength"]
+        if self.hires:
+            out.update(hires_scale=self.hires_scale, hires_steps=self.hires_steps, hires_denoise=self.hires_denoise,
+                       hires_upscaler=self.hires_upscaler)
         if self.loras:
             out["loras"] = [[name, weight] for name, weight in self.loras]
         return out
@@ -322,7 +361,8 @@ PNG_FIELDS = ("negative_prompt", "steps", "guidance", "guidance_rescale", "guida
               "embeddings_dir")
 REPLAYED_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "guidance",
                    "guidance_rescale", "guidance_interval", "eta", "width", "height", "clip_skip", "strength",
-                   "attention", "upcast_attention", "loras", "lora_dir", "embeddings_dir")
+                   "attention", "upcast_attention", "loras", "lora_dir", "embeddings_dir", "hires_scale", "hires_steps",
+                   "hires_denoise", "hires_upscaler")
 
 
 def check_size_multiple(name: str, value: int, multiple: int) -> None:
