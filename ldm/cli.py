@@ -18,7 +18,7 @@ from typing import Any
 
 from ldm import __version__
 from ldm.demo import DEMO_CHECKPOINT
-from ldm.generation.request import HIRES_UPSCALERS, Generation, RequestError, lora_file
+from ldm.generation.request import HIRES_UPSCALERS, MASKED_CONTENT, Generation, RequestError, lora_file
 from ldm.sampling.names import ETA_SAMPLERS, NAMES, infotext_name
 
 # Commands defined in modules of their own, imported only when one of them is asked for (they import torch and the
@@ -40,6 +40,7 @@ REQUEST_FIELDS = {
     "vae_tile_size": "vae_tile_size", "vae_slicing": "vae_slicing", "attention_slicing": "attention_slicing",
     "loras": "loras", "lora_dir": "lora_dir", "embeddings_dir": "embeddings_dir", "hires_scale": "hires_scale",
     "hires_steps": "hires_steps", "hires_denoise": "hires_denoise", "hires_upscaler": "hires_upscaler",
+    "mask_blur": "mask_blur", "masked_content": "masked_content", "mask_invert": "mask_invert",
 }
 FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img", "loras": "--lora"}
 # The other flags' defaults.
@@ -148,6 +149,14 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
                        help=f"how to upscale: {', '.join(repr(n) for n in HIRES_UPSCALERS)} "
                             f"(default {DEFAULT.hires_upscaler!r})")
     if img2img:
+        p.add_argument("--mask", default=S, metavar="IMAGE",
+                       help="inpaint: white repaints, black keeps (resized to the init image if needed)")
+        p.add_argument("--mask-blur", dest="mask_blur", type=int, default=S, metavar="PX",
+                       help=f"feather of the mask's edge in pixels (default {DEFAULT.mask_blur})")
+        p.add_argument("--masked-content", dest="masked_content", choices=MASKED_CONTENT, default=S,
+                       help=f"what the repainted area starts from (default {DEFAULT.masked_content})")
+        p.add_argument("--mask-invert", dest="mask_invert", action="store_true", default=S,
+                       help="repaint the black area instead")
         p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")
         p.add_argument("--strength", type=float, default=S,
                        help=f"how much to change the image, in (0, 1]; 1 ignores it (default {DEFAULT.strength})")
@@ -213,6 +222,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{given['from_png']}: {e}") from None
         stored = {"ckpt": png.get("ckpt"), "vae": png.get("vae"), "config": png.get("config"),
                   "precision": png.get("precision"), "device": png.get("device_type"), "init_img": png.get("init_img"),
+                  "mask": png.get("mask_img"),
                   "model_sha256_stored": png.get("model_sha256")}
     opts = {**CLI_DEFAULTS, **{k: v for k, v in stored.items() if v is not None}, **given}
     opts["img2img"] = args.command == "img2img"
@@ -233,7 +243,13 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
             image = load_image(opts["init_img"])
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
-        opts["request"] = _checked(lambda: opts["request"].replace(init_image=image))
+        changes = {"init_image": image}
+        if opts.get("mask"):
+            try:
+                changes["mask"] = load_image(opts["mask"])
+            except (FileNotFoundError, ValueError) as e:
+                raise UsageError(f"--mask: {e}") from None
+        opts["request"] = _checked(lambda: opts["request"].replace(**changes))
     from ldm.generation.images import check_outdir
 
     try:
@@ -397,6 +413,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
              "config": opts.get("config")}
     if opts["img2img"]:
         extra.update(init_img=str(Path(opts["init_img"]).resolve()), init_img_sha256=file_sha256(opts["init_img"]))
+        if opts.get("mask"):
+            extra.update(mask_img=str(Path(opts["mask"]).resolve()), mask_img_sha256=file_sha256(opts["mask"]))
     total_batches = len(opts["prompts"]) * opts["n_iter"]
     batch = 0
     # an accelerated model packs its CPU weights in the first batch and keeps them for the next ones (`ldm.accel`)

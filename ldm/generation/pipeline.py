@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 from ldm import __version__, accel
@@ -328,8 +329,12 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     with attention.options(**settings) as used, _merged(sd, loras):
         shape = (sd.config.vae.embed_dim, height // f, width // f)  # the latents' channels: the VAE's
         init = None
+        masks = _masks(sd, request, width, height) if request.mask is not None else None
         if request.img2img:
-            posterior = sd.vae.encode(_pixels(sd, request).to(sd.device), tiled=request.vae_tiling,
+            pixels = _pixels(sd, request)
+            if masks is not None and request.masked_content == "fill":
+                pixels = _fill(pixels, masks[1])
+            posterior = sd.vae.encode(pixels.to(sd.device), tiled=request.vae_tiling,
                                       tile_size=request.vae_tile_size)
             accel.release(sd.vae)  # the encoder's, not needed while sampling
             # image i's posterior sample, then its starting noise, both from its own generator
@@ -343,6 +348,13 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         else:
             noise = request.latents
         denoiser = _guided_denoiser(sd, request, prompts, interval, invariant, embeddings)
+        if masks is not None:
+            keep = masks[2]
+            if request.masked_content == "latent noise":
+                init = init * keep + randn(init.shape[1:], generators, device=sd.device) * (1 - keep)
+            elif request.masked_content == "latent nothing":
+                init = init * keep
+            denoiser = MaskedDenoiser(denoiser, init, keep)
         strength = request.strength if request.img2img else 1.0
         hires_steps = request.hires_steps or request.steps
         first = int(strength * request.steps)  # the steps an img2img pass runs of its schedule (all for txt2img)
@@ -355,6 +367,12 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
             latents = yield from _sample(sd, request, denoiser, noise, init, request.hires_denoise, hires_steps,
                                          generators, invariant, offset=first, total=total)
         images = decode(sd, latents, image_by_image=vae_by_image, tile_size=request.tile_size)
+    pictures = to_pil(images)
+    if masks is not None:  # the pixels the blurred mask keeps, exactly as they were
+        image = request.init_image
+        original = (fit_init_image(image, request.width, request.height, f).convert("RGB")
+                    if isinstance(image, Image.Image) else to_pil(_pixels(sd, request))[0])
+        pictures = [Image.composite(p, original, masks[0]) for p in pictures]
     params = {**request.params(), "width": int(width), "height": int(height), "final_width": int(final[0]),
               "final_height": int(final[1]), "guidance_interval":
               None if interval is None else list(interval), "attention": used.backend,
@@ -366,7 +384,49 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         params["lora_hashes"] = [[lora.name, weight, lora.hash] for lora, weight in loras]
     if embeddings:
         params["ti_hashes"] = [[e.name, e.hash] for e in embeddings.values()]
-    return Result(to_pil(images), seeds, request.texts, params, latents, request)
+    return Result(pictures, seeds, request.texts, params, latents, request)
+
+
+class MaskedDenoiser:
+    """A denoiser whose x_0 prediction is the known latents where `keep` is 1 (A1111's inpainting with an ordinary
+    model: the prediction, not x, is blended, so every sampler keeps the known area on its path)."""
+
+    def __init__(self, inner, known: Tensor, keep: Tensor):
+        self.inner, self.known, self.keep = inner, known, keep
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # log_sigmas and the like
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.known * self.keep + self.inner(x, sigma) * (1 - self.keep)
+
+
+def _masks(sd, request: Generation, width: int, height: int) -> tuple[Image.Image, Tensor, Tensor]:
+    """The inpainting mask at the image's size: (the blurred mask for the final composite, PIL "L"; the sharp
+    mask (1, 1, H, W), 1 = repaint; the latent mask (1, 1, h, w) of what to keep, 1 = keep, binarised as A1111)."""
+    mask = request.mask
+    if isinstance(mask, Tensor):
+        mask = to_pil((mask.reshape(1, 1, *mask.shape[-2:]).float() * 2 - 1).expand(1, 3, -1, -1))[0]
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        warnings.warn(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {width}x{height}: the mask is "
+                      "resized to the image", stacklevel=2)
+        mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+    if request.mask_invert:
+        mask = ImageOps.invert(mask)
+    blurred = mask.filter(ImageFilter.GaussianBlur(request.mask_blur)) if request.mask_blur else mask
+    sharp = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None]
+    f = sd.config.vae.downsample_factor
+    latent = torch.from_numpy(np.asarray(blurred.resize((width // f, height // f)), dtype=np.float32) / 255)
+    keep = 1 - latent.round()[None, None]
+    return blurred, sharp, keep.to(sd.device)
+
+
+def _fill(pixels: Tensor, repaint: Tensor) -> Tensor:
+    """A1111's "fill": the area to repaint painted with the mean colour of the image (an approximation of its
+    repeated blurring of the known colours into the hole)."""
+    mean = pixels.mean(dim=(2, 3), keepdim=True)
+    return pixels * (1 - repaint) + mean * repaint
 
 
 def _sample(sd, request: Generation, denoiser, noise: Tensor, init: Tensor | None, strength: float, steps: int,

@@ -36,6 +36,7 @@ DEFAULT_TILE_SIZE = 512  # VAE tile side in image pixels (`ldm.models.tiling`)
 SCHEDULES = ("discrete", "karras", "exponential")
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 SliceSize = int | Literal["auto"] | None  # attention query rows per slice; "auto"; None: no slicing
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's "Masked content" values
 # hires fix upscalers, by A1111's names (what its infotext records): latent modes (torch interpolate mode,
 # antialias) upscale the latents; pixel modes decode, resize the image with PIL and encode again
 HIRES_UPSCALERS = {
@@ -84,6 +85,11 @@ class Generation:
         (`hires_upscaler`, one of HIRES_UPSCALERS: latent interpolation, or Lanczos on the decoded pixels) and
         sampled again at the larger size as img2img with strength `hires_denoise`, over `hires_steps` steps (0: as
         many as `steps`).
+    mask (img2img: inpainting with an ordinary checkpoint, as A1111 does): white repaints, black keeps; the
+        model's x_0 prediction is held to the init image's latents where the mask keeps them, and the pixels the
+        blurred mask (`mask_blur` pixels) keeps come back exactly as they were. `masked_content` is what the
+        repainted area starts from: "original", "fill" (the image's mean colour), "latent noise" or "latent
+        nothing". `mask_invert` swaps the two.
     batch_invariant: run the networks image by image, so that a batch equals its images made alone, bit for bit
         (None: on CPU). vae_tiling / vae_tile_size / vae_slicing / attention_slicing: less memory, the same image up
         to float rounding (`ldm.generation.pipeline`). attention / upcast_attention: the attention backend, and
@@ -122,6 +128,10 @@ class Generation:
     hires_steps: int = 0
     hires_denoise: float = 0.7
     hires_upscaler: str = "Latent"
+    mask: Image.Image | Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    mask_blur: int = 4
+    masked_content: str = "original"
+    mask_invert: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -159,6 +169,11 @@ class Generation:
             raise RequestError("hires_upscaler", f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got "
                                                  f"{self.hires_upscaler!r}")
         object.__setattr__(self, "hires_upscaler", upscaler)
+        if self.mask is not None and not self.img2img:
+            raise RequestError("mask", "mask needs an init image (img2img)")
+        if self.masked_content not in MASKED_CONTENT:
+            raise RequestError("masked_content", f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got "
+                                                 f"{self.masked_content!r}")
         if self.hires and self.img2img:
             raise RequestError("hires_scale", "hires_scale is for txt2img; an img2img request sets its size with "
                                               "width and height")
@@ -197,6 +212,7 @@ class Generation:
         number("hires_scale", 1.0, 8.0)
         number("hires_denoise", 0.0, 1.0, low_open=True)
         integer("hires_steps", 0)
+        integer("mask_blur", 0, 64, "in [0, 64]")
         if self.eta is not None:
             number("eta", 0.0)
         for name in ("width", "height"):
@@ -306,6 +322,8 @@ class Generation:
                    vae_tiling=self.tile_size, requested_width=self.width, requested_height=self.height)
         if not self.img2img:
             del out["strength"]
+        if self.mask is not None:
+            out.update(mask_blur=self.mask_blur, masked_content=self.masked_content, mask_invert=self.mask_invert)
         if self.hires:
             out.update(hires_scale=self.hires_scale, hires_steps=self.hires_steps, hires_denoise=self.hires_denoise,
                        hires_upscaler=self.hires_upscaler)
@@ -362,7 +380,7 @@ PNG_FIELDS = ("negative_prompt", "steps", "guidance", "guidance_rescale", "guida
 REPLAYED_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "guidance",
                    "guidance_rescale", "guidance_interval", "eta", "width", "height", "clip_skip", "strength",
                    "attention", "upcast_attention", "loras", "lora_dir", "embeddings_dir", "hires_scale", "hires_steps",
-                   "hires_denoise", "hires_upscaler")
+                   "hires_denoise", "hires_upscaler", "mask_blur", "masked_content", "mask_invert")
 
 
 def check_size_multiple(name: str, value: int, multiple: int) -> None:

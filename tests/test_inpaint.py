@@ -1,0 +1,82 @@
+"""Inpainting with an ordinary (4-channel) checkpoint, as A1111 does it: the pixels the blurred mask keeps come back
+bit for bit, an empty mask gives the input back, the masked-content modes, invert, resizing and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import ldm
+from ldm.cli import main
+from ldm.testing.reference import random_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """The tiny models run on one thread (see conftest.one_torch_thread)."""
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return random_model(ldm.preset("tiny"), seed=5)[0]
+
+
+def _image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def _mask(box=(16, 16, 40, 48)) -> Image.Image:
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return mask
+
+
+@pytest.mark.parametrize("content", ["original", "fill", "latent noise", "latent nothing"])
+def test_pixels_outside_the_feathered_mask_come_back_bit_for_bit(sd, content):
+    image, mask = _image(), _mask()
+    out = ldm.img2img(sd, image, "a red circle", mask=mask, mask_blur=4, masked_content=content, strength=0.8,
+                      steps=4, seed=1)
+    got, before = np.asarray(out.images[0]), np.asarray(image)
+    feathered = np.asarray(_mask((16 - 12, 16 - 12, 40 + 12, 48 + 12)))  # 3 sigma of the blur around the box
+    assert (got[feathered == 0] == before[feathered == 0]).all()
+    assert (got[20:44, 20:36] != before[20:44, 20:36]).any()  # inside, repainted
+    assert out.params["masked_content"] == content and out.params["mask_blur"] == 4
+
+
+def test_an_empty_mask_gives_the_input_back_and_invert_swaps(sd):
+    image = _image()
+    out = ldm.img2img(sd, image, "x", mask=Image.new("L", (64, 64), 0), strength=0.8, steps=3, seed=2)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(image))
+    inverted = ldm.img2img(sd, image, "x", mask=Image.new("L", (64, 64), 255), mask_invert=True, strength=0.8,
+                           steps=3, seed=2)
+    assert np.array_equal(np.asarray(inverted.images[0]), np.asarray(image))
+
+
+def test_a_mask_of_another_size_is_resized_with_a_note(sd):
+    with pytest.warns(UserWarning, match="the mask is 32x32 and the image 64x64"):
+        ldm.img2img(sd, _image(), "x", mask=_mask().resize((32, 32)), strength=0.5, steps=2, seed=3)
+
+
+def test_mask_errors(sd, tmp_path, capsys):
+    with pytest.raises(ldm.RequestError, match="mask needs an init image"):
+        ldm.Generation("x", mask=_mask())
+    with pytest.raises(ldm.RequestError, match="masked_content must be one of fill, original"):
+        ldm.Generation("x", init_image=_image(), mask=_mask(), masked_content="blur")
+    ckpt, init, mask = tmp_path / "m.safetensors", tmp_path / "init.png", tmp_path / "mask.png"
+    ldm.save(sd, ckpt)
+    _image().save(init)
+    _mask().save(mask)
+    (tmp_path / "notes.txt").write_text("not an image")
+    base = ["img2img", "x", "--ckpt", str(ckpt), "--init-img", str(init), "--steps", "2", "--quiet"]
+    assert main([*base, "--mask", str(tmp_path / "notes.txt"), "--outdir", str(tmp_path / "a")]) == 2
+    assert "--mask: cannot read image" in capsys.readouterr().err
+    assert main([*base, "--mask", str(mask), "--masked-content", "fill", "--outdir", str(tmp_path / "b")]) == 0
+    written = next((tmp_path / "b").glob("*.png"))
+    from ldm.generation.images import parse_infotext
+
+    info = parse_infotext(Image.open(written).info["parameters"])
+    assert (info["Mask blur"], info["Masked content"], info["Inpaint area"]) == ("4", "fill", "Whole picture")
+    assert main(["img2img", "--from-png", str(written), "--outdir", str(tmp_path / "c"), "--quiet"]) == 0
+    replayed = next((tmp_path / "c").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(replayed)), np.asarray(Image.open(written)))  # mask replayed too
