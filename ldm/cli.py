@@ -41,6 +41,7 @@ REQUEST_FIELDS = {
     "loras": "loras", "lora_dir": "lora_dir", "embeddings_dir": "embeddings_dir", "hires_scale": "hires_scale",
     "hires_steps": "hires_steps", "hires_denoise": "hires_denoise", "hires_upscaler": "hires_upscaler",
     "mask_blur": "mask_blur", "masked_content": "masked_content", "mask_invert": "mask_invert",
+    "outpaint": "outpaint",
 }
 FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img", "loras": "--lora"}
 # The other flags' defaults.
@@ -157,6 +158,8 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
                        help=f"what the repainted area starts from (default {DEFAULT.masked_content})")
         p.add_argument("--mask-invert", dest="mask_invert", action="store_true", default=S,
                        help="repaint the black area instead")
+        p.add_argument("--outpaint", default=S, metavar="SIDE=PX,...",
+                       help="extend the canvas and paint the new border, e.g. left=128,bottom=64 (multiples of 8)")
         p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")
         p.add_argument("--strength", type=float, default=S,
                        help=f"how much to change the image, in (0, 1]; 1 ignores it (default {DEFAULT.strength})")
@@ -227,7 +230,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     opts = {**CLI_DEFAULTS, **{k: v for k, v in stored.items() if v is not None}, **given}
     opts["img2img"] = args.command == "img2img"
     opts["prompts"] = _prompts(given, base.prompt if "from_png" in given else None)
-    opts["request"] = _request(base, given)
+    # the fields that need the init image are set with it, below
+    opts["request"] = _request(base, {k: v for k, v in given.items() if k != "outpaint"})
     opts["ckpt"] = str(_checkpoint(opts.get("ckpt")))
     for key in ("vae", "config"):
         value = opts.get(key)
@@ -244,6 +248,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
         changes = {"init_image": image}
+        if "outpaint" in given:
+            changes["outpaint"] = parse_outpaint(given["outpaint"])
         if opts.get("mask"):
             try:
                 changes["mask"] = load_image(opts["mask"])
@@ -299,6 +305,18 @@ def _request(base: Generation, given: dict[str, Any]) -> Generation:
     for name, _ in [*request.loras, *request.lora_tags]:  # the files exist, before the model is read
         _checked(lambda: lora_file(name, request.lora_dir, request.lora_hashes))  # noqa: B023 (called at once)
     return request
+
+
+def parse_outpaint(text: str) -> tuple[int, int, int, int]:
+    """--outpaint left=128,bottom=64 -> (left, top, right, bottom)."""
+    sides = dict.fromkeys(("left", "top", "right", "bottom"), 0)
+    for part in filter(None, text.split(",")):
+        side, _, value = part.partition("=")
+        if side.strip() not in sides or not value.strip().isdigit():
+            raise UsageError(f"--outpaint {text}: write SIDE=PIXELS pairs, SIDE one of left, top, right, bottom, "
+                             "e.g. --outpaint left=128,bottom=64")
+        sides[side.strip()] = int(value)
+    return tuple(sides.values())
 
 
 def parse_lora(text: str) -> tuple[str, float]:

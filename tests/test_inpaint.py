@@ -80,3 +80,26 @@ def test_mask_errors(sd, tmp_path, capsys):
     assert main(["img2img", "--from-png", str(written), "--outdir", str(tmp_path / "c"), "--quiet"]) == 0
     replayed = next((tmp_path / "c").glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(replayed)), np.asarray(Image.open(written)))  # mask replayed too
+
+
+def test_outpainting_extends_the_canvas_and_keeps_the_image(sd, tmp_path):
+    image = _image()
+    out = ldm.img2img(sd, image, "a wide landscape", outpaint=(32, 0, 0, 16), mask_blur=2, strength=1.0, steps=3,
+                      seed=4, masked_content="fill")
+    got = np.asarray(out.images[0])
+    assert out.images[0].size == (96, 80)
+    assert np.array_equal(got[:56, 40:], np.asarray(image)[:56, 8:])  # the image, away from the feathered seam
+    assert out.params["outpaint"] == [32, 0, 0, 16]
+    with pytest.raises(ldm.RequestError, match="outpaint takes 4 multiples of 8"):
+        ldm.Generation("x", init_image=image, outpaint=(30, 0, 0, 0))
+    ckpt, init = tmp_path / "m.safetensors", tmp_path / "init.png"
+    ldm.save(sd, ckpt)
+    image.save(init)
+    assert main(["img2img", "x", "--ckpt", str(ckpt), "--init-img", str(init), "--outpaint", "right=16,top=8",
+                 "--steps", "2", "--quiet", "--outdir", str(tmp_path / "o")]) == 0
+    assert Image.open(next((tmp_path / "o").glob("*.png"))).size == (80, 72)
+    assert main(["img2img", "x", "--ckpt", str(ckpt), "--init-img", str(init), "--outpaint", "up=16",
+                 "--outdir", str(tmp_path / "p")]) == 2
+    written = next((tmp_path / "o").glob("*.png"))
+    assert main(["img2img", "--from-png", str(written), "--quiet", "--outdir", str(tmp_path / "r")]) == 0
+    assert np.array_equal(np.asarray(Image.open(next((tmp_path / "r").glob("*.png")))), np.asarray(Image.open(written)))

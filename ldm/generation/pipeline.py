@@ -308,6 +308,9 @@ class Denoising:
 def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     """The core that txt2img and img2img share: prompts -> conditioning, (img2img) the init image -> latents, the
     sampler's steps over the guided UNet, the VAE decode. Run by `Denoising`, which gives it its context."""
+    asked = request  # what the image's parameters record
+    if any(request.outpaint):
+        request = _outpainted(request)
     f = sd.config.vae.downsample_factor
     invariant = sd.device.type == "cpu" if request.batch_invariant is None else request.batch_invariant
     vae_by_image = invariant if request.vae_slicing is None else request.vae_slicing
@@ -373,7 +376,7 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         original = (fit_init_image(image, request.width, request.height, f).convert("RGB")
                     if isinstance(image, Image.Image) else to_pil(_pixels(sd, request))[0])
         pictures = [Image.composite(p, original, masks[0]) for p in pictures]
-    params = {**request.params(), "width": int(width), "height": int(height), "final_width": int(final[0]),
+    params = {**asked.params(), "width": int(width), "height": int(height), "final_width": int(final[0]),
               "final_height": int(final[1]), "guidance_interval":
               None if interval is None else list(interval), "attention": used.backend,
               "upcast_attention": used.upcast, "attention_slicing": used.slice_size, "vae_slicing": vae_by_image,
@@ -384,7 +387,30 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         params["lora_hashes"] = [[lora.name, weight, lora.hash] for lora, weight in loras]
     if embeddings:
         params["ti_hashes"] = [[e.name, e.hash] for e in embeddings.values()]
-    return Result(pictures, seeds, request.texts, params, latents, request)
+    return Result(pictures, seeds, request.texts, params, latents, asked)
+
+
+def _outpainted(request: Generation) -> Generation:
+    """An outpainting request as the inpainting request it is: the init image on a larger canvas, its edge pixels
+    stretched into the new border, and a mask that repaints the border (and what the given mask repaints)."""
+    left, top, right, bottom = request.outpaint
+    image = request.init_image
+    if not isinstance(image, Image.Image):
+        image = to_pil(image[None] if image.ndim == 3 else image)[0]
+    image = image.convert("RGB")
+    if request.width is not None or request.height is not None:
+        image = fit_init_image(image, request.width, request.height, 8)
+    pixels = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(pixels.shape[:2], 255, dtype=np.uint8)
+    inner = np.zeros((image.height, image.width), dtype=np.uint8)
+    if request.mask is not None:
+        given = request.mask if isinstance(request.mask, Image.Image) else to_pil(request.mask)[0]
+        inner = np.asarray(given.convert("L").resize(image.size, Image.Resampling.LANCZOS))
+        if request.mask_invert:
+            inner = 255 - inner
+    mask[top:top + image.height, left:left + image.width] = inner
+    return request.replace(init_image=Image.fromarray(pixels), mask=Image.fromarray(mask), mask_invert=False,
+                           outpaint=(0, 0, 0, 0), width=None, height=None)
 
 
 class MaskedDenoiser:

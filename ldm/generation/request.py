@@ -89,7 +89,8 @@ class Generation:
         model's x_0 prediction is held to the init image's latents where the mask keeps them, and the pixels the
         blurred mask (`mask_blur` pixels) keeps come back exactly as they were. `masked_content` is what the
         repainted area starts from: "original", "fill" (the image's mean colour), "latent noise" or "latent
-        nothing". `mask_invert` swaps the two.
+        nothing". `mask_invert` swaps the two. outpaint (left, top, right, bottom): pixels to add around the init
+        image (multiples of 8), its edge pixels stretched into them, and inpainted (with `mask`, if any).
     batch_invariant: run the networks image by image, so that a batch equals its images made alone, bit for bit
         (None: on CPU). vae_tiling / vae_tile_size / vae_slicing / attention_slicing: less memory, the same image up
         to float rounding (`ldm.generation.pipeline`). attention / upcast_attention: the attention backend, and
@@ -132,6 +133,7 @@ class Generation:
     mask_blur: int = 4
     masked_content: str = "original"
     mask_invert: bool = False
+    outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -169,6 +171,11 @@ class Generation:
             raise RequestError("hires_upscaler", f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got "
                                                  f"{self.hires_upscaler!r}")
         object.__setattr__(self, "hires_upscaler", upscaler)
+        object.__setattr__(self, "outpaint", tuple(self.outpaint))
+        if len(self.outpaint) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 or v % 8
+                                          for v in self.outpaint):
+            raise RequestError("outpaint", f"outpaint takes 4 multiples of 8 >= 0 (left, top, right, bottom), got "
+                                           f"{self.outpaint!r}")
         if self.mask is not None and not self.img2img:
             raise RequestError("mask", "mask needs an init image (img2img)")
         if self.masked_content not in MASKED_CONTENT:
@@ -322,7 +329,9 @@ class Generation:
                    vae_tiling=self.tile_size, requested_width=self.width, requested_height=self.height)
         if not self.img2img:
             del out["strength"]
-        if self.mask is not None:
+        if any(self.outpaint):
+            out["outpaint"] = list(self.outpaint)
+        if self.mask is not None or any(self.outpaint):
             out.update(mask_blur=self.mask_blur, masked_content=self.masked_content, mask_invert=self.mask_invert)
         if self.hires:
             out.update(hires_scale=self.hires_scale, hires_steps=self.hires_steps, hires_denoise=self.hires_denoise,
@@ -344,6 +353,8 @@ class Generation:
             fields.pop("strength", None)
         if fields.get("guidance_interval") is not None:
             fields["guidance_interval"] = tuple(fields["guidance_interval"])
+        if "outpaint" in fields:
+            fields["outpaint"] = tuple(fields["outpaint"])
         if "loras" in fields:
             fields["loras"] = tuple((name, weight) for name, weight in fields["loras"])
         if p.get("lora_hashes"):
@@ -357,6 +368,8 @@ class Generation:
     def check(self, sd) -> Generation:
         """RequestError for what does not fit `sd` (size multiples, the model's guidance interval, an attention
         backend this machine lacks); returns the request."""
+        if any(self.outpaint) and not self.img2img:
+            raise RequestError("outpaint", "outpaint needs an init image (img2img)")
         f = sd.config.vae.downsample_factor
         for name in ("width", "height"):
             v = getattr(self, name)
@@ -380,7 +393,7 @@ PNG_FIELDS = ("negative_prompt", "steps", "guidance", "guidance_rescale", "guida
 REPLAYED_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "guidance",
                    "guidance_rescale", "guidance_interval", "eta", "width", "height", "clip_skip", "strength",
                    "attention", "upcast_attention", "loras", "lora_dir", "embeddings_dir", "hires_scale", "hires_steps",
-                   "hires_denoise", "hires_upscaler", "mask_blur", "masked_content", "mask_invert")
+                   "hires_denoise", "hires_upscaler", "mask_blur", "masked_content", "mask_invert", "outpaint")
 
 
 def check_size_multiple(name: str, value: int, multiple: int) -> None:
