@@ -108,6 +108,12 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting model (CompVis `LatentInpaintDiffusion`, conditioning "hybrid"): its UNet takes the noisy
+        latents, the mask and the masked image's latents concatenated, 4 + 1 + 4 channels."""
+        return self.unet.in_channels == self.unet.out_channels + 1 + self.vae.embed_dim
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -153,7 +159,12 @@ PRESETS: dict[str, ModelConfig] = {
     "sd-v1": ModelConfig(name="sd-v1"),
     "sd-v2": ModelConfig(name="sd-v2", unet=SD2_UNET, text=SD2_TEXT, prediction="v", image_size=768),
     "sd-v2-base": ModelConfig(name="sd-v2-base", unet=SD2_UNET, text=SD2_TEXT, prediction="eps", image_size=512),
+    "sd-v1-inpainting": ModelConfig(name="sd-v1-inpainting", unet=UNetConfig(in_channels=9)),
+    "sd-v2-inpainting": ModelConfig(name="sd-v2-inpainting", unet=dataclasses.replace(SD2_UNET, in_channels=9),
+                                    text=SD2_TEXT, prediction="eps", image_size=512),
     "tiny": ModelConfig(name="tiny", unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, image_size=64),
+    "tiny-inpainting": ModelConfig(name="tiny-inpainting", unet=dataclasses.replace(TINY_UNET, in_channels=9),
+                                   vae=TINY_VAE, text=TINY_TEXT, image_size=64),
     "tiny-v2": ModelConfig(
         name="tiny-v2", unet=dataclasses.replace(TINY_UNET, use_linear_in_transformer=True), vae=TINY_VAE,
         text=dataclasses.replace(TINY_TEXT, kind="open-clip", activation="gelu", layers=3, layer="penultimate",
@@ -382,7 +393,10 @@ def _from_compvis(data: dict[str, Any], name: str, source: str) -> ModelConfig:
     prediction = "v" if p.get("parameterization", "eps") == "v" else "eps"
     # The original YAMLs all say `image_size: 64`; the 768 px SD2 models are the v-prediction ones.
     image_size = 768 if (prediction == "v" and text.kind == "open-clip") else p.get("image_size", 64) * vae.downsample_factor
-    if unet.in_channels != 4:
-        raise ValueError(f"UNet with {unet.in_channels} input channels (inpainting/depth) is not supported yet")
-    return ModelConfig(name=name, unet=unet, vae=vae, text=text, schedule=schedule, prediction=prediction,
-                       image_size=image_size)
+    cfg = ModelConfig(name=name, unet=unet, vae=vae, text=text, schedule=schedule, prediction=prediction,
+                      image_size=image_size)
+    key = p.get("conditioning_key", "crossattn")
+    if unet.in_channels != 4 and not (cfg.inpainting and key == "hybrid"):
+        raise ValueError(f"UNet with {unet.in_channels} input channels and conditioning {key!r} (a depth model?) is "
+                         "not supported; ldm reads ordinary (4) and inpainting (9, 'hybrid') UNets")
+    return cfg

@@ -147,11 +147,15 @@ def resolve_schedule(sampler: str, schedule: str | None) -> str:
 
 
 def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guidance_rescale: float = 0.0,
-                  guidance_interval: Interval | None = None) -> CFGDenoiser:
-    """The UNet as a guided denoiser D(x, σ) on the model's training schedule (float64)."""
+                  guidance_interval: Interval | None = None, concat: Tensor | None = None) -> CFGDenoiser:
+    """The UNet as a guided denoiser D(x, σ) on the model's training schedule (float64). `concat` (an inpainting
+    model's mask and masked-image latents, (1, 5, h, w)) joins the UNet's input after the (scaled) latents, as
+    CompVis' "hybrid" conditioning does."""
     unet = sd.unet
 
     def model_fn(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
         out = unet(x, t, context)
         if not torch.isfinite(out).all():
             raise NaNError("the UNet produced NaN/Inf values (fp16 overflow?). Try --precision fp32, or keep "
@@ -263,6 +267,7 @@ class Denoising:
     settings, and a run may be resumed from another thread (a server's worker)."""
 
     def __init__(self, sd, request: Generation):
+        self._steps = None  # before anything can fail: __del__ looks at it
         self.request = request.check(sd)
         self.result: Result | None = None
         self.cancelled = False
@@ -350,8 +355,9 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
                                           f"{tuple(request.latents.shape)}")
         else:
             noise = request.latents
-        denoiser = _guided_denoiser(sd, request, prompts, interval, invariant, embeddings)
-        if masks is not None:
+        concat = _inpainting_input(sd, request, masks, width, height) if sd.config.inpainting else None
+        denoiser = _guided_denoiser(sd, request, prompts, interval, invariant, embeddings, concat)
+        if masks is not None and concat is None:  # an ordinary model: held to the known latents (A1111)
             keep = masks[2]
             if request.masked_content == "latent noise":
                 init = init * keep + randn(init.shape[1:], generators, device=sd.device) * (1 - keep)
@@ -411,6 +417,24 @@ def _outpainted(request: Generation) -> Generation:
     mask[top:top + image.height, left:left + image.width] = inner
     return request.replace(init_image=Image.fromarray(pixels), mask=Image.fromarray(mask), mask_invert=False,
                            outpaint=(0, 0, 0, 0), width=None, height=None)
+
+
+def _inpainting_input(sd, request: Generation, masks, width: int, height: int) -> Tensor:
+    """What an inpainting model's UNet takes beside the latents, (1, 1 + 4, h, w): the mask at latent size (1 =
+    repaint; all 1 without a mask) and the latents of the image with the area to repaint set to 0 (grey), the
+    posterior's mean (CompVis' `LatentInpaintDiffusion`, A1111's image conditioning). txt2img: an all-grey image."""
+    f = sd.config.vae.downsample_factor
+    if request.img2img:
+        pixels = _pixels(sd, request)
+        repaint = (torch.ones(1, 1, height, width) if masks is None
+                   else (torch.from_numpy(np.asarray(masks[0], dtype=np.float32) / 255) >= 0.5).float()[None, None])
+    else:
+        pixels, repaint = torch.zeros(1, 3, height, width), torch.ones(1, 1, height, width)
+    masked = pixels * (1 - repaint)
+    latents = sd.vae.encode(masked.to(sd.device), tiled=request.vae_tiling, tile_size=request.vae_tile_size).mean
+    accel.release(sd.vae)
+    mask = F.interpolate(repaint, size=(height // f, width // f)).to(sd.device)
+    return torch.cat([mask, latents.float() * sd.scale_factor], dim=1)
 
 
 class MaskedDenoiser:
@@ -525,7 +549,7 @@ def _merged(sd, loras: list[tuple[LoRA, float]]) -> Iterator[None]:
 
 
 def _guided_denoiser(sd, request: Generation, prompts: list[str], interval: Interval | None,
-                     image_by_image: bool, embeddings: dict[str, Embedding]):
+                     image_by_image: bool, embeddings: dict[str, Embedding], concat: Tensor | None = None):
     """The UNet as a guided denoiser of the request's prompts, one image's guidance pair at a time if asked."""
     guidance = request.guidance
     negatives = request.negative_prompts if guidance != 1.0 else []
@@ -534,8 +558,8 @@ def _guided_denoiser(sd, request: Generation, prompts: list[str], interval: Inte
     cond, uncond = context[:len(prompts)], (context[len(prompts):] if negatives else None)
     if image_by_image and len(prompts) > 1:
         return ImageByImage([make_denoiser(sd, cond[i:i + 1], None if uncond is None else uncond[i:i + 1], guidance,
-                                           request.guidance_rescale, interval) for i in range(len(prompts))])
-    return make_denoiser(sd, cond, uncond, guidance, request.guidance_rescale, interval)
+                                           request.guidance_rescale, interval, concat) for i in range(len(prompts))])
+    return make_denoiser(sd, cond, uncond, guidance, request.guidance_rescale, interval, concat)
 
 
 def generate(sd, request: Generation, callback: StepCallback | None = None) -> Result:

@@ -370,6 +370,9 @@ class Generation:
         backend this machine lacks); returns the request."""
         if any(self.outpaint) and not self.img2img:
             raise RequestError("outpaint", "outpaint needs an init image (img2img)")
+        if self.hires and sd.config.inpainting:
+            raise RequestError("hires_scale", f"hires_scale is not available with an inpainting model "
+                                              f"({sd.config.name}); run txt2img with an ordinary one")
         f = sd.config.vae.downsample_factor
         for name in ("width", "height"):
             v = getattr(self, name)

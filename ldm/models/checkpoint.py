@@ -182,6 +182,9 @@ def detect_config(keys_and_shapes: Mapping[str, tuple[int, ...]], metadata: Mapp
     else:
         raise CheckpointError("cannot tell the architecture: the file has no cond_stage_model.* text encoder keys. "
                               "Is it a VAE or a diffusers UNet? Pass config= with a preset name or YAML.")
+    conv_in = keys_and_shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))
+    if conv_in[1] == 9:  # the inpainting variants (CompVis LatentInpaintDiffusion): eps, 512 px
+        candidates = ["sd-v2-inpainting" if candidates[0] == "sd-v2" else "sd-v1-inpainting"]
     cfg = preset(candidates[0])
     problems = compare_keys(expected_shapes(cfg), keys_and_shapes)
     if problems:
@@ -257,7 +260,8 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
     if vae is not None:
         tensors.update(read_vae(vae, dtype))
     tensors = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES)}
-    probe = prediction is None and config is None and METADATA_CONFIG_KEY not in metadata and cfg.text.kind == "open-clip"
+    probe = (prediction is None and config is None and METADATA_CONFIG_KEY not in metadata
+             and cfg.text.kind == "open-clip" and not cfg.inpainting)
     if prediction is not None:
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
