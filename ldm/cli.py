@@ -41,7 +41,7 @@ REQUEST_FIELDS = {
     "loras": "loras", "lora_dir": "lora_dir", "embeddings_dir": "embeddings_dir", "hires_scale": "hires_scale",
     "hires_steps": "hires_steps", "hires_denoise": "hires_denoise", "hires_upscaler": "hires_upscaler",
     "mask_blur": "mask_blur", "masked_content": "masked_content", "mask_invert": "mask_invert",
-    "outpaint": "outpaint",
+    "outpaint": "outpaint", "inpaint_area": "inpaint_area", "inpaint_padding": "inpaint_padding",
 }
 FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img", "loras": "--lora"}
 # The other flags' defaults.
@@ -158,6 +158,10 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
                        help=f"what the repainted area starts from (default {DEFAULT.masked_content})")
         p.add_argument("--mask-invert", dest="mask_invert", action="store_true", default=S,
                        help="repaint the black area instead")
+        p.add_argument("--inpaint-area", dest="inpaint_area", choices=["whole", "masked"], default=S,
+                       help="whole: the whole image; masked: only the mask's box, at the working size, pasted back")
+        p.add_argument("--inpaint-padding", dest="inpaint_padding", type=int, default=S, metavar="PX",
+                       help=f"pixels around the mask's box with --inpaint-area masked (default {DEFAULT.inpaint_padding})")
         p.add_argument("--outpaint", default=S, metavar="SIDE=PX,...",
                        help="extend the canvas and paint the new border, e.g. left=128,bottom=64 (multiples of 8)")
         p.add_argument("--init-img", dest="init_img", default=S, help="the image to start from")

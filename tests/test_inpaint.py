@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 
 import ldm
 from ldm.cli import main
+from ldm.generation.images import parse_infotext, save_png
 from ldm.testing.reference import random_model
 
 
@@ -103,3 +104,24 @@ def test_outpainting_extends_the_canvas_and_keeps_the_image(sd, tmp_path):
     written = next((tmp_path / "o").glob("*.png"))
     assert main(["img2img", "--from-png", str(written), "--quiet", "--outdir", str(tmp_path / "r")]) == 0
     assert np.array_equal(np.asarray(Image.open(next((tmp_path / "r").glob("*.png")))), np.asarray(Image.open(written)))
+
+
+def test_inpaint_only_masked_works_on_the_box_and_pastes_it_back(sd, tmp_path):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (128, 160, 3), dtype=np.uint8))
+    mask = Image.new("L", (160, 128), 0)
+    ImageDraw.Draw(mask).rectangle((100, 20, 130, 50), fill=255)
+    seen = []
+    out = ldm.img2img(sd, image, "a red circle", mask=mask, inpaint_area="masked", inpaint_padding=8, mask_blur=2,
+                      strength=0.9, steps=3, seed=2, callback=lambda i, n, x: seen.append(tuple(x.shape[2:])))
+    assert out.images[0].size == (160, 128) and seen[0] == (8, 8)  # worked at the model's 64 x 64
+    got, before = np.asarray(out.images[0]), np.asarray(image)
+    outside = np.ones((128, 160), dtype=bool)
+    outside[20 - 8:50 + 9, 100 - 8:130 + 9] = False  # the box and its feather
+    assert (got[outside] == before[outside]).all()
+    assert (got[25:45, 105:125] != before[25:45, 105:125]).any()
+    png = save_png(out.images[0], tmp_path, "2", out.image_params(0))
+    info = parse_infotext(Image.open(png).info["parameters"])
+    assert (info["Inpaint area"], info["Masked area padding"]) == ("Only masked", "8")
+    with pytest.raises(ldm.RequestError, match="inpaint_area must be 'whole' or 'masked'"):
+        ldm.Generation("x", init_image=image, mask=mask, inpaint_area="crop")

@@ -94,7 +94,8 @@ def infotext(p: dict[str, Any]) -> str:
               ("Model hash", (p.get("model_sha256") or "")[:10] or None), ("Model", p.get("model")),
               ("Denoising strength", p.get("strength", p.get("hires_denoise"))), ("Clip skip", p.get("clip_skip") if p.get("clip_skip", 1) != 1 else None),
               ("Mask blur", p.get("mask_blur")), ("Masked content", p.get("masked_content")),
-              ("Inpaint area", "Whole picture" if "mask_blur" in p else None),
+              ("Inpaint area", {"whole": "Whole picture", "masked": "Only masked"}.get(p.get("inpaint_area", "whole"))
+               if "mask_blur" in p else None), ("Masked area padding", p.get("inpaint_padding")),
               ("Hires upscale", p.get("hires_scale")), ("Hires steps", p.get("hires_steps") or None),
               ("Hires upscaler", p.get("hires_upscaler")),
               ("Lora hashes", _hashes(f"{name}: {h}" for name, _, h in p.get("lora_hashes") or [])),

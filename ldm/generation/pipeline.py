@@ -316,6 +316,9 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     asked = request  # what the image's parameters record
     if any(request.outpaint):
         request = _outpainted(request)
+    paste = None
+    if request.inpaint_area == "masked" and request.mask is not None:
+        request, paste = _only_masked(sd, request)
     f = sd.config.vae.downsample_factor
     invariant = sd.device.type == "cpu" if request.batch_invariant is None else request.batch_invariant
     vae_by_image = invariant if request.vae_slicing is None else request.vae_slicing
@@ -382,6 +385,8 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         original = (fit_init_image(image, request.width, request.height, f).convert("RGB")
                     if isinstance(image, Image.Image) else to_pil(_pixels(sd, request))[0])
         pictures = [Image.composite(p, original, masks[0]) for p in pictures]
+    if paste is not None:
+        pictures = [paste(p) for p in pictures]
     params = {**asked.params(), "width": int(width), "height": int(height), "final_width": int(final[0]),
               "final_height": int(final[1]), "guidance_interval":
               None if interval is None else list(interval), "attention": used.backend,
@@ -435,6 +440,53 @@ def _inpainting_input(sd, request: Generation, masks, width: int, height: int) -
     accel.release(sd.vae)
     mask = F.interpolate(repaint, size=(height // f, width // f)).to(sd.device)
     return torch.cat([mask, latents.float() * sd.scale_factor], dim=1)
+
+
+def _only_masked(sd, request: Generation):
+    """A1111's "inpaint only masked": the request on the mask's bounding box plus `inpaint_padding`, grown to the
+    working size's aspect ratio and scaled to it; and the function that puts a result back into the whole image
+    (scaled to the box, pasted through the feathered mask, so that every pixel outside it stays as it was)."""
+    image = request.init_image
+    image = (image if isinstance(image, Image.Image) else to_pil(image[None] if image.ndim == 3 else image)[0])
+    image = image.convert("RGB")
+    mask = (request.mask if isinstance(request.mask, Image.Image) else to_pil(request.mask)[0]).convert("L")
+    mask = mask.resize(image.size, Image.Resampling.LANCZOS) if mask.size != image.size else mask
+    if request.mask_invert:
+        mask = ImageOps.invert(mask)
+    box = mask.getbbox()
+    if box is None:  # nothing to repaint: the image as it is
+        return request.replace(inpaint_area="whole"), None
+    work = (request.width or sd.config.image_size, request.height or sd.config.image_size)
+    box = _grow(box, request.inpaint_padding, work, image.size)
+    inner = request.replace(init_image=image.crop(box).resize(work, Image.Resampling.LANCZOS),
+                            mask=mask.crop(box).resize(work, Image.Resampling.LANCZOS), mask_invert=False,
+                            inpaint_area="whole", width=None, height=None)
+    feather = mask.filter(ImageFilter.GaussianBlur(request.mask_blur)) if request.mask_blur else mask
+
+    def paste_back(result: Image.Image) -> Image.Image:
+        whole = image.copy()
+        region = result.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.LANCZOS)
+        whole.paste(Image.composite(region, image.crop(box), feather.crop(box)), box[:2])
+        return whole
+    return inner, paste_back
+
+
+def _grow(box: tuple[int, int, int, int], padding: int, work: tuple[int, int],
+          size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box plus `padding` on every side, then widened or heightened to `work`'s aspect ratio, within `size`."""
+    x0, y0, x1, y1 = max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, size[0]), \
+        min(box[3] + padding, size[1])
+    ratio = work[0] / work[1]
+    w, h = x1 - x0, y1 - y0
+    if w / h < ratio:  # too narrow: widen around its centre
+        grow = min(round(h * ratio) - w, size[0] - w)
+        x0 = min(max(x0 - grow // 2, 0), size[0] - (w + grow))
+        x1 = x0 + w + grow
+    else:
+        grow = min(round(w / ratio) - h, size[1] - h)
+        y0 = min(max(y0 - grow // 2, 0), size[1] - (h + grow))
+        y1 = y0 + h + grow
+    return x0, y0, x1, y1
 
 
 class MaskedDenoiser:

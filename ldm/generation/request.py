@@ -37,6 +37,7 @@ SCHEDULES = ("discrete", "karras", "exponential")
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 SliceSize = int | Literal["auto"] | None  # attention query rows per slice; "auto"; None: no slicing
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's "Masked content" values
+INPAINT_AREAS = {"whole": "Whole picture", "masked": "Only masked"}  # A1111's "Inpaint area" values
 # hires fix upscalers, by A1111's names (what its infotext records): latent modes (torch interpolate mode,
 # antialias) upscale the latents; pixel modes decode, resize the image with PIL and encode again
 HIRES_UPSCALERS = {
@@ -89,7 +90,9 @@ class Generation:
         model's x_0 prediction is held to the init image's latents where the mask keeps them, and the pixels the
         blurred mask (`mask_blur` pixels) keeps come back exactly as they were. `masked_content` is what the
         repainted area starts from: "original", "fill" (the image's mean colour), "latent noise" or "latent
-        nothing". `mask_invert` swaps the two. outpaint (left, top, right, bottom): pixels to add around the init
+        nothing". `mask_invert` swaps the two. inpaint_area "masked" (A1111's "only masked") works on the mask's
+        bounding box plus `inpaint_padding` pixels, scaled to width x height (default: the model's size), and
+        pastes the result back into the whole image. outpaint (left, top, right, bottom): pixels to add around the init
         image (multiples of 8), its edge pixels stretched into them, and inpainted (with `mask`, if any).
     batch_invariant: run the networks image by image, so that a batch equals its images made alone, bit for bit
         (None: on CPU). vae_tiling / vae_tile_size / vae_slicing / attention_slicing: less memory, the same image up
@@ -134,6 +137,8 @@ class Generation:
     masked_content: str = "original"
     mask_invert: bool = False
     outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)
+    inpaint_area: str = "whole"
+    inpaint_padding: int = 32
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -176,6 +181,10 @@ class Generation:
                                           for v in self.outpaint):
             raise RequestError("outpaint", f"outpaint takes 4 multiples of 8 >= 0 (left, top, right, bottom), got "
                                            f"{self.outpaint!r}")
+        if self.inpaint_area not in INPAINT_AREAS:
+            raise RequestError("inpaint_area", f"inpaint_area must be 'whole' or 'masked', got {self.inpaint_area!r}")
+        if self.inpaint_area == "masked" and self.mask is None and self.img2img:
+            raise RequestError("inpaint_area", "inpaint_area 'masked' needs a mask")
         if self.mask is not None and not self.img2img:
             raise RequestError("mask", "mask needs an init image (img2img)")
         if self.masked_content not in MASKED_CONTENT:
@@ -220,6 +229,7 @@ class Generation:
         number("hires_denoise", 0.0, 1.0, low_open=True)
         integer("hires_steps", 0)
         integer("mask_blur", 0, 64, "in [0, 64]")
+        integer("inpaint_padding", 0, 1024, "in [0, 1024]")
         if self.eta is not None:
             number("eta", 0.0)
         for name in ("width", "height"):
@@ -332,7 +342,10 @@ class Generation:
         if any(self.outpaint):
             out["outpaint"] = list(self.outpaint)
         if self.mask is not None or any(self.outpaint):
-            out.update(mask_blur=self.mask_blur, masked_content=self.masked_content, mask_invert=self.mask_invert)
+            out.update(mask_blur=self.mask_blur, masked_content=self.masked_content, mask_invert=self.mask_invert,
+                       inpaint_area=self.inpaint_area)
+            if self.inpaint_area == "masked":
+                out["inpaint_padding"] = self.inpaint_padding
         if self.hires:
             out.update(hires_scale=self.hires_scale, hires_steps=self.hires_steps, hires_denoise=self.hires_denoise,
                        hires_upscaler=self.hires_upscaler)
@@ -396,7 +409,8 @@ PNG_FIELDS = ("negative_prompt", "steps", "guidance", "guidance_rescale", "guida
 REPLAYED_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "guidance",
                    "guidance_rescale", "guidance_interval", "eta", "width", "height", "clip_skip", "strength",
                    "attention", "upcast_attention", "loras", "lora_dir", "embeddings_dir", "hires_scale", "hires_steps",
-                   "hires_denoise", "hires_upscaler", "mask_blur", "masked_content", "mask_invert", "outpaint")
+                   "hires_denoise", "hires_upscaler", "mask_blur", "masked_content", "mask_invert", "outpaint",
+                   "inpaint_area", "inpaint_padding")
 
 
 def check_size_multiple(name: str, value: int, multiple: int) -> None:
