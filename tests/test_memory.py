@@ -296,3 +296,17 @@ def test_cli_help_documents_the_memory_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--vae-tiling", "--vae-tile-size", "--vae-slicing", "--attention-slicing"):
         assert flag in out
+
+
+def test_vae_tiling_switches_on_when_the_estimate_exceeds_free_memory(tiny, monkeypatch):
+    """When the untiled VAE would not fit in the memory free now but tiles would, the call decodes in tiles (the
+    same image), says so in one warning, and records it."""
+    from ldm.generation import pipeline
+
+    need = sum(pipeline.memory_needed(tiny, 64, 64, 1, 2, 1, None).values())
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: need - 1)
+    with pytest.warns(UserWarning, match="decoding in tiles of 32 px"):
+        out = txt2img(tiny, "x", steps=1, width=64, height=64, seed=1, vae_tile_size=32)
+    assert out.params["vae_tiling"] == 32
+    plain = txt2img(tiny, "x", steps=1, width=64, height=64, seed=1)
+    assert plain.params["vae_tiling"] is None

@@ -206,6 +206,38 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- hires-memory: a 1024 px hires fix pass -------------------------------------------------------------------------
+
+HIRES_MEMORY_DOC = """\
+Peak RSS and time of a whole hires-fix txt2img of SD 1.5 on the CPU (the bench's random-weight file): 512 px,
+2 DDIM steps, then x2 to 1024 px (latent upscale) and 2 steps at denoise 0.5; untiled and with VAE tiling, each
+in a fresh process (peak RSS is a per-process high-water mark).
+
+    python tools/probe.py hires-memory"""
+
+
+def cmd_hires_memory(args: argparse.Namespace) -> int:
+    if not CHECKPOINT.exists():
+        args.parser.error(f"{CHECKPOINT} is missing; run `python tools/bench.py load` once to write it")
+    if args.child:
+        import torch
+
+        import ldm
+
+        torch.set_num_threads(args.threads)
+        sd = ldm.load(CHECKPOINT, dtype=torch.float32)
+        t0 = time.perf_counter()
+        out = ldm.txt2img(sd, PROMPT, steps=2, width=512, height=512, seed=1, sampler="ddim", hires_scale=2,
+                          hires_steps=2, hires_denoise=0.5, vae_tiling=args.child == "tiled")
+        print(f"{args.child}: {out.images[0].size[0]}x{out.images[0].size[1]}, {time.perf_counter() - t0:.0f} s, "
+              f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
+        return 0
+    for mode in ("untiled", "tiled"):
+        subprocess.run([sys.executable, __file__, "hires-memory", "--child", mode, "--threads", str(args.threads)],
+                       check=True)
+    return 0
+
+
 # --- vae-memory: untiled vs tiled decode -----------------------------------------------------------------------------
 
 VAE_MEMORY_DOC = """\
@@ -291,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_adapters, parser=p)
+
+    p = sub.add_parser("hires-memory", help="peak RSS of a 1024 px hires-fix txt2img, untiled and tiled",
+                       description=HIRES_MEMORY_DOC, formatter_class=raw)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one mode, in this process
+    p.set_defaults(func=cmd_hires_memory, parser=p)
 
     p = sub.add_parser("vae-memory", help="VAE decode peak RSS and time, untiled vs tiled",
                        description=VAE_MEMORY_DOC, formatter_class=raw)

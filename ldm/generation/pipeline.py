@@ -128,6 +128,27 @@ def check_memory(sd, width: int, height: int, images: int, unet_rows: int, vae_i
                      f"{fix}")
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes the device has free now: a GPU's free memory, or the host's MemAvailable (all of it if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return machine_memory(device)
+
+
+def _tiling_needed(sd, width: int, height: int, images: int, unet_rows: int, vae_images: int,
+                   tile_size: int) -> bool:
+    """Whether the untiled call's memory estimate (beyond the loaded model) exceeds the memory free now while the
+    tiled one fits: then the VAE runs in tiles, which gives the same image."""
+    untiled = sum(memory_needed(sd, width, height, images, unet_rows, vae_images, None).values())
+    tiled = sum(memory_needed(sd, width, height, images, unet_rows, vae_images, tile_size).values())
+    free = available_memory(sd.device)
+    return untiled > free >= tiled
+
+
 def rows_per_unet_call(images: int, image_by_image: bool, guidance: float) -> int:
     """Latents per UNet call of `generate`: one image's or the whole batch's, doubled by the unconditional pass."""
     return (1 if image_by_image else images) * (1 if guidance == 1.0 else 2)
@@ -330,8 +351,13 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     final = request.hires_size(width, height, f) if request.hires else (width, height)
     if request.hires:
         check_size(*final, f)
-    check_memory(sd, *final, len(prompts), rows_per_unet_call(len(prompts), invariant, request.guidance),
-                 1 if vae_by_image else len(prompts), request.tile_size)
+    rows = rows_per_unet_call(len(prompts), invariant, request.guidance)
+    vae_images = 1 if vae_by_image else len(prompts)
+    if not request.vae_tiling and _tiling_needed(sd, *final, len(prompts), rows, vae_images, request.vae_tile_size):
+        warnings.warn(f"{final[0]}x{final[1]}: the VAE's memory estimate exceeds what this machine has free; "
+                      f"decoding in tiles of {request.vae_tile_size} px (vae_tiling)", stacklevel=2)
+        request = request.replace(vae_tiling=True)
+    check_memory(sd, *final, len(prompts), rows, vae_images, request.tile_size)
     settings = {"backend": request.attention, "upcast": request.upcast_attention}
     if request.attention_slicing is not None:
         settings["slice_size"] = request.attention_slicing
@@ -391,6 +417,7 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
               "final_height": int(final[1]), "guidance_interval":
               None if interval is None else list(interval), "attention": used.backend,
               "upcast_attention": used.upcast, "attention_slicing": used.slice_size, "vae_slicing": vae_by_image,
+              "vae_tiling": request.tile_size,
               "batch_invariant": invariant, "model": getattr(sd, "source_name", sd.config.name),
               "model_sha256": getattr(sd, "source_sha256", None), "prediction": sd.prediction,
               "dtype": str(sd.dtype).replace("torch.", ""), "device": str(sd.device), "version": __version__}
