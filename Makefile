@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c requirements-lock.txt -e '.[test]'
+	$(PIP) install -c requirements-lock.txt -e '.[test,serve]'
 	$(PIP) install -c requirements-lock.txt --no-deps open_clip_torch
 	@! $(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)" \
 		|| (echo "torchvision is installed in $(VENV); it breaks transformers' CLIP on CPU. Remove it." && exit 1)

@@ -27,6 +27,7 @@ MODULE_COMMANDS = {
     "train": ("ldm.training.train", "train or fine-tune a model (accelerate launch -m ldm.training.train for many GPUs)"),
     "cache-latents": ("ldm.training.latents_cache", "encode a training set once with the VAE (latents cache)"),
     "export": ("ldm.training.export", "write a training run's checkpoint as a single-file model"),
+    "serve": ("ldm.server.app", "serve the AUTOMATIC1111 web API (/sdapi/v1/) on this machine"),
 }
 
 # The generation flags that set a field of the request (`ldm.generation.request.Generation`, whose field defaults

@@ -12,6 +12,7 @@ the temporary name is removed. An interrupted run leaves only complete files.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -192,13 +193,32 @@ def next_index(outdir: Path) -> int:
     return max(indices, default=-1) + 1
 
 
+def png_metadata(params: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """Both metadata chunks of an image made with `params`: A1111's infotext and ldm's JSON."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(A1111_CHUNK, infotext(params))
+    info.add_text(LDM_CHUNK, json.dumps(params, sort_keys=True))
+    return info
+
+
+def png_bytes(image: Image.Image, params: dict[str, Any]) -> bytes:
+    """`image` as PNG bytes with its metadata chunks (what the web API sends)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_metadata(params))
+    return buffer.getvalue()
+
+
+def read_png_text(image: Image.Image) -> tuple[str, dict[str, Any]]:
+    """The A1111 infotext of an image ("" if none) and its parsed fields."""
+    text = image.info.get(A1111_CHUNK, "")
+    return text, (parse_infotext(text) if text else {})
+
+
 def save_png(image: Image.Image, outdir: str | Path, stem: str, params: dict[str, Any]) -> Path:
     """Write `image` with both metadata chunks as `NNNNN-{stem}.png`, atomically, never overwriting."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text(A1111_CHUNK, infotext(params))
-    info.add_text(LDM_CHUNK, json.dumps(params, sort_keys=True))
+    info = png_metadata(params)
     fd, tmp = tempfile.mkstemp(prefix=".ldm-", suffix=".png.tmp", dir=outdir)
     try:
         os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the PNG the mode of any new file

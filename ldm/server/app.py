@@ -1,0 +1,386 @@
+"""`ldm serve`: AUTOMATIC1111's web API (`/sdapi/v1/...`) over ldm's request type and denoising core.
+
+    ldm serve                                   # the bundled demo model on http://127.0.0.1:7860
+    ldm serve --ckpt v1-5-pruned-emaonly.safetensors --api-auth me:secret
+
+A1111's clients (scripts, bots, editor plug-ins) post the bodies of its `modules/api/models.py` and read the same
+responses: `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}`. Each body becomes a `Generation`;
+fields this server does not know are ignored, as A1111 ignores them. Jobs run one at a time on the loaded model,
+in a worker thread, in arrival order; `progress` and `interrupt` answer while one runs. An interrupted job returns
+the images of the batches it finished. The model is loaded once. Width and height default to the model's own size.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import queue
+import random
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+from ldm import __version__
+from ldm.generation.images import infotext, png_bytes, read_png_text
+from ldm.generation.request import MASKED_CONTENT, Generation, RequestError
+from ldm.sampling.names import NAMES, display_name
+
+MAX_PIXELS = 2048 * 2048  # a request beyond this many pixels per image is refused before any work (--max-pixels)
+
+
+class Txt2ImgBody(BaseModel):
+    """A1111's `StableDiffusionTxt2ImgProcessingAPI`, the fields ldm acts on (others are accepted and ignored)."""
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int | None = None
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float | None = None
+    override_settings: dict[str, Any] = {}
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    denoising_strength: float | None = None
+
+
+class Img2ImgBody(Txt2ImgBody):
+    """A1111's `StableDiffusionImg2ImgProcessingAPI`: init_images (base64 or data: URLs) and the inpainting fields."""
+    init_images: list[str] = []
+    mask: str | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # A1111's index into fill, original, latent noise, latent nothing
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: int = 0
+
+
+class PngInfoBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str
+
+
+@dataclass
+class Job:
+    requests: list[Generation]  # one per batch (n_iter)
+    done: threading.Event = field(default_factory=threading.Event)
+    results: list = field(default_factory=list)
+    error: BaseException | None = None
+    interrupted: bool = False
+    run: Any = None
+
+
+class Worker:
+    """Runs the jobs one at a time on the model, in arrival order, and keeps what `progress` reports."""
+
+    def __init__(self, sd):
+        self.sd = sd
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.lock = threading.Lock()
+        self.current: Job | None = None
+        self.step, self.steps, self.batch, self.batches, self.started = 0, 0, 0, 0, 0.0
+        self.timestamp = ""
+        threading.Thread(target=self._loop, daemon=True, name="ldm-serve-worker").start()
+
+    def submit(self, requests: list[Generation]) -> Job:
+        job = Job(requests)
+        self.jobs.put(job)
+        job.done.wait()
+        return job
+
+    def interrupt(self) -> None:
+        with self.lock:
+            job = self.current
+            if job is not None:
+                job.interrupted = True
+                if job.run is not None:
+                    job.run.cancel()
+
+    def _loop(self) -> None:
+        from ldm.generation.pipeline import Denoising
+
+        while True:
+            job = self.jobs.get()
+            with self.lock:
+                self.current, self.batches, self.started = job, len(job.requests), time.time()
+                self.timestamp = time.strftime("%Y%m%d%H%M%S")
+            try:
+                for i, request in enumerate(job.requests):
+                    if job.interrupted:
+                        break
+                    run = Denoising(self.sd, request)
+                    with self.lock:
+                        job.run, self.batch, self.step, self.steps = run, i, 0, request.steps
+                    for step in run:
+                        with self.lock:
+                            self.step, self.steps = step.i + 1, step.total
+                    if run.result is not None:
+                        job.results.append(run.result)
+            except BaseException as e:  # handed to the request's handler, which answers it
+                job.error = e
+            finally:
+                with self.lock:
+                    self.current, job.run = None, None
+                job.done.set()
+
+    def progress(self) -> dict[str, Any]:
+        with self.lock:
+            busy = self.current is not None
+            done = (self.batch + self.step / max(self.steps, 1)) / max(self.batches, 1) if busy else 0.0
+            elapsed = time.time() - self.started
+            return {
+                "progress": done, "eta_relative": elapsed / done - elapsed if busy and done > 0 else 0.0,
+                "state": {"skipped": False, "interrupted": bool(busy and self.current.interrupted),
+                          "job": "txt2img" if busy else "", "job_count": 1 + self.jobs.qsize() if busy else 0,
+                          "job_timestamp": self.timestamp, "job_no": self.batch if busy else 0,
+                          "sampling_step": self.step if busy else 0, "sampling_steps": self.steps if busy else 0},
+                "current_image": None, "textinfo": None,
+            }
+
+
+def decode_image(data: str, field_name: str) -> Image.Image:
+    """A base64 image, plain or as a data: URL; HTTP 400 naming the field otherwise."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as e:
+        raise HTTPException(400, f"{field_name}: not a base64-encoded image ({e})") from None
+    return image
+
+
+SCHEDULERS = {"automatic": None, "karras": "karras", "exponential": "exponential", "uniform": "discrete",
+              "normal": "discrete"}
+
+
+def to_requests(body: Txt2ImgBody, sd, max_pixels: int, image: Image.Image | None = None,
+                mask: Image.Image | None = None) -> list[Generation]:
+    """The body as one Generation per batch (n_iter), seeds continuing across them as in A1111."""
+    width, height = body.width or sd.config.image_size, body.height or sd.config.image_size
+    if image is None and width * height > max_pixels or image is not None and image.width * image.height > max_pixels:
+        raise HTTPException(400, f"width x height: {width}x{height} is more than this server's limit of "
+                                 f"{max_pixels} pixels per image")
+    if body.n_iter < 1:
+        raise HTTPException(422, f"n_iter must be at least 1, got {body.n_iter}")
+    sampler = body.sampler_name or body.sampler_index or "Euler"
+    fields: dict[str, Any] = dict(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
+        sampler=sampler, batch_size=body.batch_size, eta=body.eta,
+        clip_skip=int(body.override_settings.get("CLIP_stop_at_last_layers", 1)))
+    schedule = SCHEDULERS.get((body.scheduler or "automatic").lower(), "unknown")
+    if schedule == "unknown":
+        raise HTTPException(400, f"scheduler: unknown scheduler {body.scheduler!r}; these are known: "
+                                 f"{', '.join(SCHEDULERS)}")
+    if schedule is not None:
+        fields["schedule"] = schedule
+    if image is None:
+        fields.update(width=width, height=height)
+        if body.enable_hr:
+            fields.update(hires_scale=body.hr_scale, hires_steps=body.hr_second_pass_steps,
+                          hires_denoise=body.denoising_strength if body.denoising_strength is not None else 0.7)
+            if body.hr_upscaler:
+                fields["hires_upscaler"] = body.hr_upscaler
+    else:
+        fields.update(init_image=image, strength=body.denoising_strength if body.denoising_strength is not None
+                      else 0.75, width=body.width, height=body.height)
+        if mask is not None:
+            b = body  # an Img2ImgBody
+            fields.update(mask=mask, mask_blur=b.mask_blur, mask_invert=bool(b.inpainting_mask_invert),
+                          masked_content=MASKED_CONTENT[b.inpainting_fill] if 0 <= b.inpainting_fill < 4 else "bad",
+                          inpaint_area="masked" if b.inpaint_full_res else "whole",
+                          inpaint_padding=b.inpaint_full_res_padding)
+    seed = body.seed if body.seed != -1 else random.SystemRandom().randrange(2 ** 32)
+    try:
+        return [Generation(**fields, seed=(seed + i * body.batch_size) % 2 ** 32) for i in range(body.n_iter)]
+    except RequestError as e:
+        raise HTTPException(404 if e.field == "sampler" else 422, f"{e.field}: {e}") from None
+
+
+def respond(body: BaseModel, job: Job, sd) -> dict[str, Any]:
+    """A1111's response: base64 PNGs with their infotext, the request's parameters, and `info` as a JSON string."""
+    if job.error is not None:
+        if isinstance(job.error, RequestError):
+            raise HTTPException(422, f"{job.error.field}: {job.error}")
+        raise HTTPException(500, f"{type(job.error).__name__}: {job.error}")
+    images, seeds, prompts, infotexts = [], [], [], []
+    for result in job.results:
+        for i, image in enumerate(result.images):
+            params = result.image_params(i)
+            images.append(base64.b64encode(png_bytes(image, params)).decode())
+            seeds.append(result.seeds[i])
+            prompts.append(result.prompts[i])
+            infotexts.append(infotext(params))
+    first = job.results[0].params if job.results else {}
+    info = {
+        "prompt": prompts[0] if prompts else body.prompt, "all_prompts": prompts,
+        "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(prompts),
+        "seed": seeds[0] if seeds else body.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0, "width": first.get("final_width", first.get("width")),
+        "height": first.get("final_height", first.get("height")), "sampler_name": first.get("sampler_display"),
+        "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
+        "sd_model_name": first.get("model"), "sd_model_hash": (first.get("model_sha256") or "")[:10] or None,
+        "denoising_strength": first.get("strength", first.get("hires_denoise")),
+        "clip_skip": first.get("clip_skip", 1), "index_of_first_image": 0, "infotexts": infotexts,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": f"ldm {__version__}",
+        "interrupted": job.interrupted,
+    }
+    parameters = body.model_dump()
+    parameters.pop("init_images", None)
+    parameters.pop("mask", None)
+    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_pixels: int = MAX_PIXELS) -> FastAPI:
+    """The API app over a loaded model; `auth` (user -> password) makes every endpoint ask for HTTP basic auth."""
+    worker = Worker(sd)
+    basic = HTTPBasic(auto_error=False)
+
+    def authorised(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        if auth is None:
+            return
+        if credentials is None or not secrets.compare_digest(auth.get(credentials.username, "\0"),
+                                                               credentials.password):
+            raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Basic"})
+
+    app = FastAPI(title="ldm", version=__version__, dependencies=[Depends(authorised)])
+    app.state.worker = worker
+    model = {"title": Path(checkpoint).name, "model_name": Path(checkpoint).stem, "hash": None, "sha256": None,
+             "filename": str(checkpoint), "config": None}
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
+        return respond(body, worker.submit(to_requests(body, sd, max_pixels)), sd)
+
+    @app.post("/sdapi/v1/img2img")
+    def img2img(body: Img2ImgBody) -> dict[str, Any]:
+        if not body.init_images:
+            raise HTTPException(422, "init_images: give one base64 image")
+        image = decode_image(body.init_images[0], "init_images")
+        mask = decode_image(body.mask, "mask") if body.mask else None
+        return respond(body, worker.submit(to_requests(body, sd, max_pixels, image, mask)), sd)
+
+    @app.get("/sdapi/v1/progress")
+    def progress() -> dict[str, Any]:
+        return worker.progress()
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict[str, Any]:
+        worker.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> dict[str, Any]:
+        worker.interrupt()
+        return {}
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": display_name(name), "aliases": [name], "options": {}} for name in NAMES]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        return [{"name": name, "label": name.title(), "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for name in SCHEDULERS]
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [model]
+
+    @app.get("/sdapi/v1/options")
+    def options() -> dict[str, Any]:
+        return {"sd_model_checkpoint": model["title"], "CLIP_stop_at_last_layers": 1}
+
+    @app.post("/sdapi/v1/options")
+    def set_options(values: dict[str, Any]) -> dict[str, Any]:
+        wanted = values.get("sd_model_checkpoint")
+        if wanted not in (None, model["title"], model["model_name"]):
+            raise HTTPException(404, f"sd_model_checkpoint: {wanted!r} is not loaded; this server runs "
+                                     f"{model['title']} (restart it with --ckpt)")
+        return {}
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict[str, list]:
+        return {"txt2img": [], "img2img": []}
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(body: PngInfoBody) -> dict[str, Any]:
+        text, items = read_png_text(decode_image(body.image, "image"))
+        return {"info": text, "items": items, "parameters": {}}
+
+    return app
+
+
+def parse_auth(text: str) -> dict[str, str]:
+    pairs = {}
+    for part in text.split(","):
+        user, sep, password = part.partition(":")
+        if not sep or not user:
+            raise ValueError(f"--api-auth takes user:password pairs separated by commas, got {part!r}")
+        pairs[user] = password
+    return pairs
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import ldm
+    from ldm.demo import DEMO_CHECKPOINT
+
+    auth = parse_auth(args.api_auth) if args.api_auth else None
+    checkpoint = Path(args.ckpt or DEMO_CHECKPOINT)
+    if not checkpoint.is_file():
+        raise ValueError(f"checkpoint not found: {checkpoint}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        print(f"ldm serve: warning: listening on {args.host} without --api-auth: anyone who can reach this port "
+              "can use the server", file=sys.stderr)
+    sd = ldm.load(checkpoint)
+    app = create_app(sd, checkpoint=str(checkpoint), auth=auth, max_pixels=args.max_pixels)
+    print(f"ldm serve: {checkpoint.name} on http://{args.host}:{args.port}/sdapi/v1/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    from ldm.cli import MODULE_COMMANDS
+
+    p = subparsers.add_parser("serve", help=MODULE_COMMANDS["serve"][1], description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="the checkpoint to serve (default: the bundled demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-auth", dest="api_auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                   help="HTTP basic authentication for every endpoint")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse images of more pixels than this (default {MAX_PIXELS})")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ldm.cli import run_standalone
+
+    return run_standalone("serve", add_subcommand, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
