@@ -185,3 +185,32 @@ def test_a_client_that_disconnects_does_not_disturb_the_server(server):
         time.sleep(0.3)  # the job has started; the client goes away without reading the answer
     status, out = server.call("txt2img", {"prompt": "a blue square", "steps": 3, "seed": 9})
     assert status == 200 and json.loads(out["info"])["seed"] == 9
+
+
+def test_the_listing_endpoints_and_loras_in_prompts(sd, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ldm.adapters import lora as L
+
+    key = next(k for k in L.targets(sd) if k.startswith(L.KOHYA_UNET) and k.endswith("attn2_to_k"))
+    shape = L.targets(sd)[key].weight.shape
+    save_file({f"{key}.lora_down.weight": torch.randn(4, shape[1]),
+               f"{key}.lora_up.weight": torch.randn(shape[0], 4)}, str(tmp_path / "style.safetensors"))
+    (tmp_path / "embeddings").mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(1, sd.config.text.width)}}, tmp_path / "embeddings" / "dark.pt")
+    s = Server(sd, lora_dir=str(tmp_path), embeddings_dir=str(tmp_path / "embeddings"), flags={"port": 0})
+    try:
+        assert s.call("loras")[1][0]["name"] == "style"
+        assert list(s.call("embeddings")[1]["loaded"]) == ["dark"]
+        assert {"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": None} in \
+            s.call("upscalers")[1]
+        assert {"name": "Latent (bicubic)"} in s.call("latent-upscale-modes")[1]
+        assert s.call("memory")[1]["ram"]["total"] > 0 and s.call("cmd-flags")[1] == {"port": 0}
+        assert s.call("sd-vae")[1] == [] and s.call("refresh-checkpoints", {})[0] == 200
+        plain = s.call("txt2img", {"prompt": "a red circle", "steps": 2, "seed": 4})[1]
+        styled = s.call("txt2img", {"prompt": "a red circle <lora:style:1>", "steps": 2, "seed": 4})[1]
+        assert plain["images"][0] != styled["images"][0]
+        assert "Lora hashes" in json.loads(styled["info"])["infotexts"][0]
+    finally:
+        s.stop()

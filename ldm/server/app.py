@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ldm import __version__
 from ldm.generation.images import infotext, png_bytes, read_png_text
-from ldm.generation.request import MASKED_CONTENT, Generation, RequestError
+from ldm.generation.request import HIRES_UPSCALERS, MASKED_CONTENT, Generation, RequestError
 from ldm.sampling.names import NAMES, display_name
 
 MAX_PIXELS = 2048 * 2048  # a request beyond this many pixels per image is refused before any work (--max-pixels)
@@ -174,7 +174,7 @@ SCHEDULERS = {"automatic": None, "karras": "karras", "exponential": "exponential
 
 
 def to_requests(body: Txt2ImgBody, sd, max_pixels: int, image: Image.Image | None = None,
-                mask: Image.Image | None = None) -> list[Generation]:
+                mask: Image.Image | None = None, folders: dict[str, str | None] | None = None) -> list[Generation]:
     """The body as one Generation per batch (n_iter), seeds continuing across them as in A1111."""
     width, height = body.width or sd.config.image_size, body.height or sd.config.image_size
     if image is None and width * height > max_pixels or image is not None and image.width * image.height > max_pixels:
@@ -186,7 +186,7 @@ def to_requests(body: Txt2ImgBody, sd, max_pixels: int, image: Image.Image | Non
     fields: dict[str, Any] = dict(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
         sampler=sampler, batch_size=body.batch_size, eta=body.eta,
-        clip_skip=int(body.override_settings.get("CLIP_stop_at_last_layers", 1)))
+        clip_skip=int(body.override_settings.get("CLIP_stop_at_last_layers", 1)), **(folders or {}))
     schedule = SCHEDULERS.get((body.scheduler or "automatic").lower(), "unknown")
     if schedule == "unknown":
         raise HTTPException(400, f"scheduler: unknown scheduler {body.scheduler!r}; these are known: "
@@ -250,8 +250,12 @@ def respond(body: BaseModel, job: Job, sd) -> dict[str, Any]:
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 
-def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_pixels: int = MAX_PIXELS) -> FastAPI:
-    """The API app over a loaded model; `auth` (user -> password) makes every endpoint ask for HTTP basic auth."""
+def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_pixels: int = MAX_PIXELS,
+               lora_dir: str | None = None, embeddings_dir: str | None = None,
+               flags: dict[str, Any] | None = None) -> FastAPI:
+    """The API app over a loaded model; `auth` (user -> password) makes every endpoint ask for HTTP basic auth;
+    `lora_dir` / `embeddings_dir` are where prompts' <lora:...> tags and embedding words are looked up."""
+    folders = {"lora_dir": lora_dir, "embeddings_dir": embeddings_dir}
     worker = Worker(sd)
     basic = HTTPBasic(auto_error=False)
 
@@ -269,7 +273,7 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
-        return respond(body, worker.submit(to_requests(body, sd, max_pixels)), sd)
+        return respond(body, worker.submit(to_requests(body, sd, max_pixels, folders=folders)), sd)
 
     @app.post("/sdapi/v1/img2img")
     def img2img(body: Img2ImgBody) -> dict[str, Any]:
@@ -277,7 +281,7 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
             raise HTTPException(422, "init_images: give one base64 image")
         image = decode_image(body.init_images[0], "init_images")
         mask = decode_image(body.mask, "mask") if body.mask else None
-        return respond(body, worker.submit(to_requests(body, sd, max_pixels, image, mask)), sd)
+        return respond(body, worker.submit(to_requests(body, sd, max_pixels, image, mask, folders)), sd)
 
     @app.get("/sdapi/v1/progress")
     def progress() -> dict[str, Any]:
@@ -322,12 +326,64 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
     def scripts() -> dict[str, list]:
         return {"txt2img": [], "img2img": []}
 
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return []  # the checkpoint's own VAE
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict[str, Any]]:
+        return [{"name": path.stem, "alias": path.stem, "path": str(path), "metadata": {}}
+                for path in _files(lora_dir, (".safetensors", ".pt", ".ckpt"))]
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, Any]:
+        loaded = {path.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                              "vectors": None} for path in _files(embeddings_dir, (".pt", ".safetensors", ".bin"))}
+        return {"loaded": loaded, "skipped": {}}
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+                for name, (kind, _, _) in HIRES_UPSCALERS.items() if kind == "pixel"]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        return [{"name": name} for name, (kind, _, _) in HIRES_UPSCALERS.items() if kind == "latent"]
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        return dict(flags or {})
+
+    @app.get("/sdapi/v1/memory")
+    def memory() -> dict[str, Any]:
+        import torch
+
+        from ldm.generation.pipeline import available_memory, machine_memory
+
+        cpu = torch.device("cpu")
+        total, free = machine_memory(cpu), available_memory(cpu)
+        gpu: dict[str, Any] = {"error": "no CUDA device"}
+        if torch.cuda.is_available():
+            free_gpu, total_gpu = torch.cuda.mem_get_info()
+            gpu = {"system": {"free": free_gpu, "used": total_gpu - free_gpu, "total": total_gpu}}
+        return {"ram": {"free": free, "used": total - free, "total": total}, "cuda": gpu}
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> dict[str, Any]:
+        return {}
+
     @app.post("/sdapi/v1/png-info")
     def png_info(body: PngInfoBody) -> dict[str, Any]:
         text, items = read_png_text(decode_image(body.image, "image"))
         return {"info": text, "items": items, "parameters": {}}
 
     return app
+
+
+def _files(folder: str | None, suffixes: tuple[str, ...]) -> list[Path]:
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return [p for p in sorted(Path(folder).iterdir()) if p.suffix in suffixes and p.is_file()]
 
 
 def parse_auth(text: str) -> dict[str, str]:
@@ -354,7 +410,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ldm serve: warning: listening on {args.host} without --api-auth: anyone who can reach this port "
               "can use the server", file=sys.stderr)
     sd = ldm.load(checkpoint)
-    app = create_app(sd, checkpoint=str(checkpoint), auth=auth, max_pixels=args.max_pixels)
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "api_auth")}
+    app = create_app(sd, checkpoint=str(checkpoint), auth=auth, max_pixels=args.max_pixels, lora_dir=args.lora_dir,
+                     embeddings_dir=args.embeddings_dir, flags=flags)
     print(f"ldm serve: {checkpoint.name} on http://{args.host}:{args.port}/sdapi/v1/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -372,6 +430,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="HTTP basic authentication for every endpoint")
     p.add_argument("--max-pixels", dest="max_pixels", type=int, default=MAX_PIXELS,
                    help=f"refuse images of more pixels than this (default {MAX_PIXELS})")
+    p.add_argument("--lora-dir", dest="lora_dir", default=None, help="where <lora:NAME:WEIGHT> tags are looked up")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
+                   help="textual inversion embeddings, called by their file names in prompts")
     p.set_defaults(func=cmd_serve)
     return p
 
