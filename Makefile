@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(PIP) install -c requirements-lock.txt --no-deps open_clip_torch
 	@! $(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)" \
 		|| (echo "torchvision is installed in $(VENV); it breaks transformers' CLIP on CPU. Remove it." && exit 1)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && timeout 900 apt-get install -y -q chromium >/dev/null 2>&1; } || \
+		echo "no chromium: the web page's browser test will skip (Debian: apt-get install chromium)"
 	touch $(STAMP)
 
 run: install

@@ -8,6 +8,8 @@ responses: `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}`. Ea
 fields this server does not know are ignored, as A1111 ignores them. Jobs run one at a time on the loaded model,
 in a worker thread, in arrival order; `progress` and `interrupt` answer while one runs. An interrupted job returns
 the images of the batches it finished. The model is loaded once. Width and height default to the model's own size.
+`/` serves a one-page UI (`page.html`) over the same API: prompt, size, steps, sampler, CFG, seed, a progress bar,
+the result with its infotext, and this session's gallery.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
@@ -270,6 +273,10 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
     app.state.worker = worker
     model = {"title": Path(checkpoint).name, "model_name": Path(checkpoint).stem, "hash": None, "sha256": None,
              "filename": str(checkpoint), "config": None}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
