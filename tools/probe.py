@@ -238,6 +238,88 @@ def cmd_hires_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve-overhead: the HTTP layer against the Python API -------------------------------------------------------
+
+SERVE_DOC = """\
+What `ldm serve`'s HTTP layer adds: the same 256 px SD 1.5 txt2img (the bench's random-weight file, DDIM) through
+the Python API and through POST /sdapi/v1/txt2img to a server in the same process, alternated, medians; then
+`--queued` requests posted at once by as many threads to the bundled demo model's server, all of which must come
+back.
+
+    python tools/probe.py serve-overhead --runs 3 --queued 20"""
+
+
+def cmd_serve_overhead(args: argparse.Namespace) -> int:
+    if not CHECKPOINT.exists():
+        args.parser.error(f"{CHECKPOINT} is missing; run `python tools/bench.py load` once to write it")
+    import base64
+    import socket
+    import threading
+    import urllib.request
+
+    import torch
+    import uvicorn
+
+    import ldm
+    from ldm.demo import DEMO_CHECKPOINT
+    from ldm.server.app import create_app
+
+    torch.set_num_threads(args.threads)
+
+    def serve(sd, path):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(sd, checkpoint=str(path)), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        return server, port
+
+    def post(port, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=3600) as response:
+            return json.loads(response.read())
+
+    sd = ldm.load(CHECKPOINT, dtype=torch.float32)
+    server, port = serve(sd, CHECKPOINT)
+    body = {"prompt": PROMPT, "steps": args.steps, "sampler_name": "DDIM", "cfg_scale": 7.5, "width": 256,
+            "height": 256, "seed": 1}
+    ldm.txt2img(sd, PROMPT, steps=args.steps, sampler="ddim", width=256, height=256, seed=1)  # packs the weights
+    api, http = [], []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        ldm.txt2img(sd, PROMPT, steps=args.steps, sampler="ddim", guidance=7.5, width=256, height=256, seed=1)
+        api.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = post(port, body)
+        http.append(time.perf_counter() - t0)
+        assert len(base64.b64decode(out["images"][0])) > 0
+    server.should_exit = True
+    a, h = statistics.median(api), statistics.median(http)
+    print(f"256 px SD 1.5, {args.steps} DDIM steps: Python API {a:.2f} s, HTTP {h:.2f} s (median of {args.runs}); "
+          f"the HTTP layer adds {100 * (h / a - 1):+.1f}%")
+    demo = ldm.load(DEMO_CHECKPOINT)
+    server, port = serve(demo, DEMO_CHECKPOINT)
+    seeds = [None] * args.queued
+
+    def one(i):
+        seeds[i] = json.loads(post(port, {"prompt": "a red circle", "steps": 10, "seed": i})["info"])["seed"]
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args.queued)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.should_exit = True
+    print(f"{args.queued} requests posted at once to the demo model: {sum(s == i for i, s in enumerate(seeds))} "
+          f"came back, in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 # --- vae-memory: untiled vs tiled decode -----------------------------------------------------------------------------
 
 VAE_MEMORY_DOC = """\
@@ -329,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)  # one mode, in this process
     p.set_defaults(func=cmd_hires_memory, parser=p)
+
+    p = sub.add_parser("serve-overhead", help="ldm serve's HTTP layer against the Python API; queued requests",
+                       description=SERVE_DOC, formatter_class=raw)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--queued", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_serve_overhead, parser=p)
 
     p = sub.add_parser("vae-memory", help="VAE decode peak RSS and time, untiled vs tiled",
                        description=VAE_MEMORY_DOC, formatter_class=raw)
