@@ -214,3 +214,34 @@ def test_the_listing_endpoints_and_loras_in_prompts(sd, tmp_path):
         assert "Lora hashes" in json.loads(styled["info"])["infotexts"][0]
     finally:
         s.stop()
+
+
+def test_progress_shows_a_preview_and_options_switch_the_checkpoint(sd, tmp_path):
+    from ldm.testing.reference import random_model
+
+    other = tmp_path / "models" / "tiny-random.safetensors"
+    other.parent.mkdir()
+    ldm.save(random_model(ldm.preset("tiny"), seed=3)[0], other)
+    s = Server(sd, ckpt_dir=str(other.parent))
+    try:
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(
+            out=s.call("txt2img", {"prompt": "a blue square", "steps": 300, "seed": 1})))
+        thread.start()
+        deadline = time.time() + 30
+        while s.call("progress?skip_current_image=true")[1]["state"]["sampling_step"] < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        preview = s.call("progress")[1]["current_image"]
+        assert _image(preview).size == (16, 16)  # the demo model's latents: 64 px / 4
+        assert s.call("progress?skip_current_image=true")[1]["current_image"] is None
+        s.call("interrupt", {})
+        thread.join(timeout=60)
+        assert [m["title"] for m in s.call("sd-models")[1]] == [DEMO_CHECKPOINT.name, other.name]
+        before = s.call("txt2img", {"prompt": "a red circle", "steps": 2, "seed": 4})[1]["images"][0]
+        assert s.call("options", {"sd_model_checkpoint": "tiny-random"})[0] == 200
+        assert s.call("options")[1]["sd_model_checkpoint"] == other.name
+        after = s.call("txt2img", {"prompt": "a red circle", "steps": 2, "seed": 4})[1]["images"][0]
+        assert before != after and _image(after).size == (64, 64)
+        assert s.call("options", {"sd_model_checkpoint": "nope"})[0] == 404
+    finally:
+        s.stop()

@@ -31,6 +31,7 @@ def test_generate_from_the_page():
             page.click("#generate")
             page.wait_for_function("document.getElementById('bar').value > 0 && "
                                    "document.getElementById('bar').value < 1", timeout=60_000)
+            page.wait_for_function("!document.getElementById('preview').hidden", timeout=60_000)  # live preview
             page.wait_for_selector("#result img", timeout=120_000)
             assert page.locator("#status").inner_text() == "done"
             assert "Seed: 12" in page.locator("#info").inner_text()

@@ -85,6 +85,7 @@ class PngInfoBody(BaseModel):
 @dataclass
 class Job:
     requests: list[Generation]  # one per batch (n_iter)
+    action: Any = None  # instead of requests: a function of the worker, run between jobs (switching the model)
     done: threading.Event = field(default_factory=threading.Event)
     results: list = field(default_factory=list)
     error: BaseException | None = None
@@ -102,10 +103,11 @@ class Worker:
         self.current: Job | None = None
         self.step, self.steps, self.batch, self.batches, self.started = 0, 0, 0, 0, 0.0
         self.timestamp = ""
+        self.preview: Any = None  # the x_0 prediction of the last step, for `progress`'s current_image
         threading.Thread(target=self._loop, daemon=True, name="ldm-serve-worker").start()
 
-    def submit(self, requests: list[Generation]) -> Job:
-        job = Job(requests)
+    def submit(self, requests: list[Generation], action=None) -> Job:
+        job = Job(requests, action)
         self.jobs.put(job)
         job.done.wait()
         return job
@@ -127,6 +129,8 @@ class Worker:
                 self.current, self.batches, self.started = job, len(job.requests), time.time()
                 self.timestamp = time.strftime("%Y%m%d%H%M%S")
             try:
+                if job.action is not None:
+                    job.action(self)
                 for i, request in enumerate(job.requests):
                     if job.interrupted:
                         break
@@ -135,19 +139,20 @@ class Worker:
                         job.run, self.batch, self.step, self.steps = run, i, 0, request.steps
                     for step in run:
                         with self.lock:
-                            self.step, self.steps = step.i + 1, step.total
+                            self.step, self.steps, self.preview = step.i + 1, step.total, step.denoised[:1]
                     if run.result is not None:
                         job.results.append(run.result)
             except BaseException as e:  # handed to the request's handler, which answers it
                 job.error = e
             finally:
                 with self.lock:
-                    self.current, job.run = None, None
+                    self.current, job.run, self.preview = None, None, None
                 job.done.set()
 
-    def progress(self) -> dict[str, Any]:
+    def progress(self, with_image: bool = False) -> dict[str, Any]:
         with self.lock:
             busy = self.current is not None
+            preview = self.preview if with_image else None
             done = (self.batch + self.step / max(self.steps, 1)) / max(self.batches, 1) if busy else 0.0
             elapsed = time.time() - self.started
             return {
@@ -156,8 +161,31 @@ class Worker:
                           "job": "txt2img" if busy else "", "job_count": 1 + self.jobs.qsize() if busy else 0,
                           "job_timestamp": self.timestamp, "job_no": self.batch if busy else 0,
                           "sampling_step": self.step if busy else 0, "sampling_steps": self.steps if busy else 0},
-                "current_image": None, "textinfo": None,
+                "current_image": None if preview is None else preview_png(self.sd, preview), "textinfo": None,
             }
+
+
+def preview_png(sd, latents) -> str:
+    """A cheap preview of scaled latents (1, 4, h, w) as base64 PNG at latent size: each pixel's colour a linear
+    function of its latent vector, fitted once per model to what its VAE encodes flat colours to (A1111's "approx
+    cheap" preview, derived from the model instead of hard-coded for SD 1.5)."""
+    import torch
+
+    fit = sd.__dict__.get("_ldm_preview_fit")
+    if fit is None:
+        colours = torch.tensor([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1], [-1, -1, -1], [0, 0, 0.0]])
+        f = sd.config.vae.downsample_factor
+        with torch.no_grad():
+            flat = colours[:, :, None, None].expand(-1, -1, 2 * f, 2 * f).to(sd.device, sd.dtype)
+            codes = sd.vae.encode(flat).mean.float().mean(dim=(2, 3)).cpu() * sd.scale_factor  # (6, 4)
+        design = torch.cat([codes, torch.ones(len(codes), 1)], dim=1)
+        fit = sd.__dict__["_ldm_preview_fit"] = torch.linalg.lstsq(design, colours).solution  # (5, 3)
+    x = latents[0].float().cpu().permute(1, 2, 0)  # (h, w, 4)
+    rgb = torch.cat([x, torch.ones(*x.shape[:2], 1)], dim=-1) @ fit
+    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def decode_image(data: str, field_name: str) -> Image.Image:
@@ -254,7 +282,7 @@ def respond(body: BaseModel, job: Job, sd) -> dict[str, Any]:
 
 
 def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_pixels: int = MAX_PIXELS,
-               lora_dir: str | None = None, embeddings_dir: str | None = None,
+               lora_dir: str | None = None, embeddings_dir: str | None = None, ckpt_dir: str | None = None,
                flags: dict[str, Any] | None = None) -> FastAPI:
     """The API app over a loaded model; `auth` (user -> password) makes every endpoint ask for HTTP basic auth;
     `lora_dir` / `embeddings_dir` are where prompts' <lora:...> tags and embedding words are looked up."""
@@ -271,8 +299,17 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
 
     app = FastAPI(title="ldm", version=__version__, dependencies=[Depends(authorised)])
     app.state.worker = worker
-    model = {"title": Path(checkpoint).name, "model_name": Path(checkpoint).stem, "hash": None, "sha256": None,
-             "filename": str(checkpoint), "config": None}
+    loaded = {"path": Path(checkpoint)}
+
+    def entry(path: Path) -> dict[str, Any]:
+        return {"title": path.name, "model_name": path.stem, "hash": None, "sha256": None, "filename": str(path),
+                "config": None}
+
+    def models() -> list[Path]:
+        """The loaded checkpoint, then those of --ckpt-dir (listed afresh at each call: refresh-checkpoints)."""
+        found = [loaded["path"]]
+        found += [p for p in _files(ckpt_dir, (".safetensors", ".ckpt")) if p.resolve() != loaded["path"].resolve()]
+        return found
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -280,7 +317,7 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
-        return respond(body, worker.submit(to_requests(body, sd, max_pixels, folders=folders)), sd)
+        return respond(body, worker.submit(to_requests(body, worker.sd, max_pixels, folders=folders)), worker.sd)
 
     @app.post("/sdapi/v1/img2img")
     def img2img(body: Img2ImgBody) -> dict[str, Any]:
@@ -288,11 +325,11 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
             raise HTTPException(422, "init_images: give one base64 image")
         image = decode_image(body.init_images[0], "init_images")
         mask = decode_image(body.mask, "mask") if body.mask else None
-        return respond(body, worker.submit(to_requests(body, sd, max_pixels, image, mask, folders)), sd)
+        return respond(body, worker.submit(to_requests(body, worker.sd, max_pixels, image, mask, folders)), worker.sd)
 
     @app.get("/sdapi/v1/progress")
-    def progress() -> dict[str, Any]:
-        return worker.progress()
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        return worker.progress(with_image=not skip_current_image)
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt() -> dict[str, Any]:
@@ -315,18 +352,32 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models() -> list[dict[str, Any]]:
-        return [model]
+        return [entry(path) for path in models()]
 
     @app.get("/sdapi/v1/options")
     def options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": model["title"], "CLIP_stop_at_last_layers": 1}
+        return {"sd_model_checkpoint": loaded["path"].name, "CLIP_stop_at_last_layers": 1}
 
     @app.post("/sdapi/v1/options")
     def set_options(values: dict[str, Any]) -> dict[str, Any]:
+        """`sd_model_checkpoint` switches the model (a title or name of `sd-models`), between two jobs."""
         wanted = values.get("sd_model_checkpoint")
-        if wanted not in (None, model["title"], model["model_name"]):
-            raise HTTPException(404, f"sd_model_checkpoint: {wanted!r} is not loaded; this server runs "
-                                     f"{model['title']} (restart it with --ckpt)")
+        if wanted is None or wanted in (loaded["path"].name, loaded["path"].stem):
+            return {}
+        path = next((p for p in models() if wanted in (p.name, p.stem, str(p))), None)
+        if path is None:
+            raise HTTPException(404, f"sd_model_checkpoint: no checkpoint {wanted!r}; see /sdapi/v1/sd-models "
+                                     "(--ckpt-dir)")
+
+        def switch(w: Worker) -> None:
+            import ldm
+
+            w.sd = ldm.load(path)  # the old model is released when nothing holds it any more
+            loaded["path"] = path
+
+        job = worker.submit([], action=switch)
+        if job.error is not None:
+            raise HTTPException(400, f"sd_model_checkpoint: {job.error}")
         return {}
 
     @app.get("/sdapi/v1/scripts")
@@ -419,7 +470,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sd = ldm.load(checkpoint)
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "api_auth")}
     app = create_app(sd, checkpoint=str(checkpoint), auth=auth, max_pixels=args.max_pixels, lora_dir=args.lora_dir,
-                     embeddings_dir=args.embeddings_dir, flags=flags)
+                     embeddings_dir=args.embeddings_dir, ckpt_dir=args.ckpt_dir, flags=flags)
     print(f"ldm serve: {checkpoint.name} on http://{args.host}:{args.port}/sdapi/v1/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -431,6 +482,8 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help=MODULE_COMMANDS["serve"][1], description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="the checkpoint to serve (default: the bundled demo model)")
+    p.add_argument("--ckpt-dir", dest="ckpt_dir", default=None,
+                   help="a folder of checkpoints that clients may switch to (POST /sdapi/v1/options)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", dest="api_auth", default=None, metavar="USER:PASS[,USER:PASS]",
