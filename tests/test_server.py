@@ -243,5 +243,10 @@ def test_progress_shows_a_preview_and_options_switch_the_checkpoint(sd, tmp_path
         after = s.call("txt2img", {"prompt": "a red circle", "steps": 2, "seed": 4})[1]["images"][0]
         assert before != after and _image(after).size == (64, 64)
         assert s.call("options", {"sd_model_checkpoint": "nope"})[0] == 404
+        # override_settings: this request on the demo model, then back to the one the options chose
+        again = s.call("txt2img", {"prompt": "a red circle", "steps": 2, "seed": 4,
+                                   "override_settings": {"sd_model_checkpoint": DEMO_CHECKPOINT.stem}})[1]
+        assert again["images"][0] == before
+        assert s.call("options")[1]["sd_model_checkpoint"] == other.name
     finally:
         s.stop()

@@ -59,6 +59,7 @@ class Txt2ImgBody(BaseModel):
     n_iter: int = 1
     eta: float | None = None
     override_settings: dict[str, Any] = {}
+    override_settings_restore_afterwards: bool = True
     enable_hr: bool = False
     hr_scale: float = 2.0
     hr_upscaler: str | None = None
@@ -85,7 +86,8 @@ class PngInfoBody(BaseModel):
 @dataclass
 class Job:
     requests: list[Generation]  # one per batch (n_iter)
-    action: Any = None  # instead of requests: a function of the worker, run between jobs (switching the model)
+    action: Any = None  # a function of the worker run before the requests (switching the model)
+    after: Any = None  # and one run after them, even on error (switching it back)
     done: threading.Event = field(default_factory=threading.Event)
     results: list = field(default_factory=list)
     error: BaseException | None = None
@@ -106,8 +108,8 @@ class Worker:
         self.preview: Any = None  # the x_0 prediction of the last step, for `progress`'s current_image
         threading.Thread(target=self._loop, daemon=True, name="ldm-serve-worker").start()
 
-    def submit(self, requests: list[Generation], action=None) -> Job:
-        job = Job(requests, action)
+    def submit(self, requests: list[Generation], action=None, after=None) -> Job:
+        job = Job(requests, action, after)
         self.jobs.put(job)
         job.done.wait()
         return job
@@ -145,6 +147,11 @@ class Worker:
             except BaseException as e:  # handed to the request's handler, which answers it
                 job.error = e
             finally:
+                if job.after is not None:
+                    try:
+                        job.after(self)
+                    except BaseException as e:
+                        job.error = job.error or e
                 with self.lock:
                     self.current, job.run, self.preview = None, None, None
                 job.done.set()
@@ -306,18 +313,49 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
                 "config": None}
 
     def models() -> list[Path]:
-        """The loaded checkpoint, then those of --ckpt-dir (listed afresh at each call: refresh-checkpoints)."""
+        """The loaded checkpoint, the one the server started with, then those of --ckpt-dir (listed afresh at each
+        call: refresh-checkpoints)."""
         found = [loaded["path"]]
-        found += [p for p in _files(ckpt_dir, (".safetensors", ".ckpt")) if p.resolve() != loaded["path"].resolve()]
+        for path in [Path(checkpoint), *_files(ckpt_dir, (".safetensors", ".ckpt"))]:
+            if all(path.resolve() != other.resolve() for other in found):
+                found.append(path)
         return found
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
+    def find_model(wanted: str) -> Path:
+        path = next((p for p in models() if wanted in (p.name, p.stem, str(p))), None)
+        if path is None:
+            raise HTTPException(404, f"sd_model_checkpoint: no checkpoint {wanted!r}; see /sdapi/v1/sd-models "
+                                     "(--ckpt-dir)")
+        return path
+
+    def switcher(path: Path):
+        def switch(w: Worker) -> None:
+            if path.resolve() == loaded["path"].resolve():
+                return
+            import ldm
+
+            w.sd = ldm.load(path)  # the old model is released when nothing holds it any more
+            loaded["path"] = path
+        return switch
+
+    def run(body: Txt2ImgBody, requests: list[Generation]) -> dict[str, Any]:
+        """The job, on the checkpoint `override_settings` asks for (and back after it, unless told not to)."""
+        wanted = body.override_settings.get("sd_model_checkpoint")
+        action = after = None
+        if wanted and wanted not in (loaded["path"].name, loaded["path"].stem):
+            action = switcher(find_model(wanted))
+            if body.override_settings_restore_afterwards:
+                after = switcher(loaded["path"])
+        job = worker.submit(requests, action, after)
+        return respond(body, job, worker.sd)
+
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
-        return respond(body, worker.submit(to_requests(body, worker.sd, max_pixels, folders=folders)), worker.sd)
+        return run(body, to_requests(body, worker.sd, max_pixels, folders=folders))
 
     @app.post("/sdapi/v1/img2img")
     def img2img(body: Img2ImgBody) -> dict[str, Any]:
@@ -325,7 +363,7 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
             raise HTTPException(422, "init_images: give one base64 image")
         image = decode_image(body.init_images[0], "init_images")
         mask = decode_image(body.mask, "mask") if body.mask else None
-        return respond(body, worker.submit(to_requests(body, worker.sd, max_pixels, image, mask, folders)), worker.sd)
+        return run(body, to_requests(body, worker.sd, max_pixels, image, mask, folders))
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -364,18 +402,7 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
         wanted = values.get("sd_model_checkpoint")
         if wanted is None or wanted in (loaded["path"].name, loaded["path"].stem):
             return {}
-        path = next((p for p in models() if wanted in (p.name, p.stem, str(p))), None)
-        if path is None:
-            raise HTTPException(404, f"sd_model_checkpoint: no checkpoint {wanted!r}; see /sdapi/v1/sd-models "
-                                     "(--ckpt-dir)")
-
-        def switch(w: Worker) -> None:
-            import ldm
-
-            w.sd = ldm.load(path)  # the old model is released when nothing holds it any more
-            loaded["path"] = path
-
-        job = worker.submit([], action=switch)
+        job = worker.submit([], action=switcher(find_model(wanted)))
         if job.error is not None:
             raise HTTPException(400, f"sd_model_checkpoint: {job.error}")
         return {}
