@@ -371,12 +371,8 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
             pixels = _pixels(sd, request)
             if masks is not None and request.masked_content == "fill":
                 pixels = _fill(pixels, masks[1])
-            posterior = sd.vae.encode(pixels.to(sd.device), tiled=request.vae_tiling,
-                                      tile_size=request.vae_tile_size)
-            accel.release(sd.vae)  # the encoder's, not needed while sampling
             # image i's posterior sample, then its starting noise, both from its own generator
-            eps = randn(posterior.mean.shape[1:], generators, device=sd.device)
-            init = (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float() * sd.scale_factor
+            init = _encode(sd, request, pixels, generators)
         if request.latents is None:
             noise = randn(shape, generators, device=sd.device)
         elif tuple(request.latents.shape) != (len(prompts), *shape):
@@ -428,14 +424,18 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
     return Result(pictures, seeds, request.texts, params, latents, asked)
 
 
+def _as_pil(image: Image.Image | Tensor) -> Image.Image:
+    """An init image, PIL or a tensor (3, H, W) / (1, 3, H, W) in [-1, 1], as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return to_pil(image[None] if image.ndim == 3 else image)[0]
+
+
 def _outpainted(request: Generation) -> Generation:
     """An outpainting request as the inpainting request it is: the init image on a larger canvas, its edge pixels
     stretched into the new border, and a mask that repaints the border (and what the given mask repaints)."""
     left, top, right, bottom = request.outpaint
-    image = request.init_image
-    if not isinstance(image, Image.Image):
-        image = to_pil(image[None] if image.ndim == 3 else image)[0]
-    image = image.convert("RGB")
+    image = _as_pil(request.init_image)
     if request.width is not None or request.height is not None:
         image = fit_init_image(image, request.width, request.height, 8)
     pixels = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
@@ -473,9 +473,7 @@ def _only_masked(sd, request: Generation):
     """A1111's "inpaint only masked": the request on the mask's bounding box plus `inpaint_padding`, grown to the
     working size's aspect ratio and scaled to it; and the function that puts a result back into the whole image
     (scaled to the box, pasted through the feathered mask, so that every pixel outside it stays as it was)."""
-    image = request.init_image
-    image = (image if isinstance(image, Image.Image) else to_pil(image[None] if image.ndim == 3 else image)[0])
-    image = image.convert("RGB")
+    image = _as_pil(request.init_image)
     mask = (request.mask if isinstance(request.mask, Image.Image) else to_pil(request.mask)[0]).convert("L")
     mask = mask.resize(image.size, Image.Resampling.LANCZOS) if mask.size != image.size else mask
     if request.mask_invert:
@@ -588,6 +586,12 @@ def _upscale(sd, request: Generation, latents: Tensor, size: tuple[int, int], ge
     images = decode(sd, latents, image_by_image=image_by_image, tile_size=request.tile_size)
     resample = Image.Resampling.LANCZOS if mode == "lanczos" else Image.Resampling.NEAREST
     pixels = torch.cat([from_pil(im.resize(size, resample)) for im in to_pil(images)])
+    return _encode(sd, request, pixels, generators)
+
+
+def _encode(sd, request: Generation, pixels: Tensor, generators) -> Tensor:
+    """Scaled latents of `pixels` in [-1, 1]: a posterior sample per image, drawn from that image's generator (the
+    request's VAE tiling applies); the encoder's derived weights are freed, not needed while sampling."""
     posterior = sd.vae.encode(pixels.to(sd.device), tiled=request.vae_tiling, tile_size=request.vae_tile_size)
     accel.release(sd.vae)
     eps = randn(posterior.mean.shape[1:], generators, device=sd.device)

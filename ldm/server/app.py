@@ -254,7 +254,7 @@ def to_requests(body: Txt2ImgBody, sd, max_pixels: int, image: Image.Image | Non
         raise HTTPException(404 if e.field == "sampler" else 422, f"{e.field}: {e}") from None
 
 
-def respond(body: BaseModel, job: Job, sd) -> dict[str, Any]:
+def respond(body: BaseModel, job: Job) -> dict[str, Any]:
     """A1111's response: base64 PNGs with their infotext, the request's parameters, and `info` as a JSON string."""
     if job.error is not None:
         if isinstance(job.error, RequestError):
@@ -351,7 +351,7 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
             if body.override_settings_restore_afterwards:
                 after = switcher(loaded["path"])
         job = worker.submit(requests, action, after)
-        return respond(body, job, worker.sd)
+        return respond(body, job)
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
