@@ -32,11 +32,25 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a transformer
     num_heads: int | None = 8            # a fixed head count (SD1) ...
     num_head_channels: int | None = None  # ... or a fixed head width (SD2: 64)
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per transformer: one for all levels, or one per level
+    transformer_depth_middle: int | None = None    # the middle block's (None: the last level's)
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear, not 1x1 Conv
+    adm_in_channels: int | None = None       # SDXL: width of the vector y added to the timestep embedding
     norm_groups: int = 32
     dropout: float = 0.0
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks of the transformers at a level of `channel_mult` (None: the middle block)."""
+        depths = self.transformer_depth
+        if isinstance(depths, int):
+            depths = (depths,) * len(self.channel_mult)
+        if len(depths) != len(self.channel_mult):
+            raise ValueError(f"transformer_depth {depths} needs one depth per level of channel_mult "
+                             f"{self.channel_mult}")
+        if level is None:
+            return depths[-1] if self.transformer_depth_middle is None else self.transformer_depth_middle
+        return depths[level]
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) for a transformer with `channels` channels."""
@@ -69,7 +83,8 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """The CLIP text transformer: `hf-clip` (transformers' CLIPTextModel, SD1) or `open-clip` (SD2)."""
+    """The CLIP text transformer: `hf-clip` (transformers' CLIPTextModel, SD1, SDXL's first) or `open-clip` (SD2,
+    SDXL's second)."""
     kind: Literal["hf-clip", "open-clip"] = "hf-clip"
     vocab_size: int = 49408
     max_length: int = 77
@@ -79,7 +94,8 @@ class TextEncoderConfig:
     mlp_ratio: int = 4
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
     layer: Literal["last", "penultimate"] = "last"  # which hidden state conditions the UNet
-    projection_dim: int = 768  # open-clip text_projection width (stored, unused for conditioning)
+    final_norm: bool = True    # that state goes through the final LayerNorm (SD1, SD2), or not (SDXL)
+    projection_dim: int = 768  # open-clip text_projection width (SDXL: of the pooled embedding; SD2: unused)
     pad_token: int = 49407     # SD1 pads with the end token, SD2 (open_clip) with 0
 
 
@@ -94,10 +110,16 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A latent diffusion model. SD 1.x/2.x: one text encoder (`text`) under `cond_stage_model.`. SDXL (`vector`
+    not empty): sgm's `conditioner.embedders.N.`, the text encoders `text` then `text_2` (the base has both, the
+    refiner only the OpenCLIP one), their hidden states concatenated into the context, and the vector y: the last
+    encoder's pooled embedding then a 256-wide Fourier embedding of each number of the `vector` conditions."""
     name: str
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_2: TextEncoderConfig | None = None
+    vector: tuple[Literal["original_size", "crop_coords_top_left", "target_size", "aesthetic_score"], ...] = ()
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction: Prediction = "eps"
     image_size: int = 512  # native resolution in pixels
@@ -105,8 +127,32 @@ class ModelConfig:
     # img2img (ldm.sampling.guidance; hi None: no bound). None: guidance at every step, as SD is sampled.
     guidance_interval: tuple[float, float | None] | None = None
 
+    def __post_init__(self):
+        widths = sum(t.width for t in self.text_encoders)
+        if self.sdxl and (self.unet.adm_in_channels, self.unet.context_dim) != (self.vector_width, widths):
+            raise ValueError(f"{self.name}: an SDXL UNet here takes y of width {self.vector_width} (pooled embedding "
+                             f"and {', '.join(self.vector)}) and a context of width {widths} (the text encoders'), "
+                             f"but unet has adm_in_channels={self.unet.adm_in_channels}, "
+                             f"context_dim={self.unet.context_dim}")
+        if not self.sdxl and (self.text_2 is not None or self.unet.adm_in_channels is not None):
+            raise ValueError(f"{self.name}: text_2 and unet.adm_in_channels belong to SDXL models, which set `vector`")
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def sdxl(self) -> bool:
+        """An SDXL model (base or refiner): sgm's conditioner and the vector conditioning."""
+        return bool(self.vector)
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
+
+    @property
+    def vector_width(self) -> int:
+        """Width of SDXL's vector y: the pooled embedding and VECTOR_EMBED_DIM per number of the conditions."""
+        return self.text_encoders[-1].projection_dim + VECTOR_EMBED_DIM * sum(map(VECTOR_CONDITIONS.get, self.vector))
 
     @property
     def inpainting(self) -> bool:
@@ -123,6 +169,11 @@ class ModelConfig:
         cfg = build(cls, d)
         return cfg.replace(guidance_interval=check_interval(cfg.guidance_interval))
 
+
+# SDXL's vector conditions (sgm's GeneralConditioner keys, "_as_tuple" dropped) and how many numbers each holds;
+# each number is embedded as a timestep is, VECTOR_EMBED_DIM wide.
+VECTOR_CONDITIONS = {"original_size": 2, "crop_coords_top_left": 2, "target_size": 2, "aesthetic_score": 1}
+VECTOR_EMBED_DIM = 256
 
 Interval = tuple[float, float | None]  # (lo, hi) in σ; hi None: no upper bound
 
@@ -148,12 +199,34 @@ SD2_TEXT = TextEncoderConfig(kind="open-clip", width=1024, layers=24, heads=16, 
                              layer="penultimate", projection_dim=1024, pad_token=0)
 SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 
+# SDXL (sgm's sd_xl_base.yaml, sd_xl_refiner.yaml): CLIP ViT-L and OpenCLIP ViT-bigG, both conditioning with the
+# penultimate block's output without the final LayerNorm; the bigG's pooled output through text_projection joins y.
+SDXL_CLIP_L = TextEncoderConfig(layer="penultimate", final_norm=False)
+SDXL_CLIP_G = TextEncoderConfig(kind="open-clip", width=1280, layers=32, heads=20, activation="gelu",
+                                layer="penultimate", final_norm=False, projection_dim=1280, pad_token=0)
+SDXL_UNET = UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_heads=None, num_head_channels=64,
+                       transformer_depth=(1, 2, 10), context_dim=2048, use_linear_in_transformer=True,
+                       adm_in_channels=2816)
+SDXL_REFINER_UNET = UNetConfig(model_channels=384, attention_resolutions=(4, 2), num_heads=None, num_head_channels=64,
+                               transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+                               adm_in_channels=2560)
+SDXL_VAE = AutoencoderConfig(scale_factor=0.13025)
+SDXL_VECTOR = ("original_size", "crop_coords_top_left", "target_size")
+SDXL_REFINER_VECTOR = ("original_size", "crop_coords_top_left", "aesthetic_score")
+
 # Tiny configs of the same code, for tests and the bundled demo model. Group norm needs channels divisible by
 # norm_groups, so the tiny presets use 8 groups.
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                        num_heads=None, num_head_channels=16, context_dim=32, norm_groups=8)
 TINY_VAE = AutoencoderConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
 TINY_TEXT = TextEncoderConfig(width=32, layers=2, heads=2, projection_dim=32)
+
+TINY_CLIP_L = dataclasses.replace(TINY_TEXT, layer="penultimate", final_norm=False)
+TINY_CLIP_G = dataclasses.replace(TINY_TEXT, kind="open-clip", width=48, heads=3, layers=3, activation="gelu",
+                                  layer="penultimate", final_norm=False, projection_dim=48, pad_token=0)
+TINY_SDXL_UNET = dataclasses.replace(TINY_UNET, channel_mult=(1, 2, 2), attention_resolutions=(2, 4),
+                                     transformer_depth=(0, 1, 2), context_dim=80, use_linear_in_transformer=True,
+                                     adm_in_channels=48 + 6 * 256)
 
 PRESETS: dict[str, ModelConfig] = {
     "sd-v1": ModelConfig(name="sd-v1"),
@@ -162,6 +235,16 @@ PRESETS: dict[str, ModelConfig] = {
     "sd-v1-inpainting": ModelConfig(name="sd-v1-inpainting", unet=UNetConfig(in_channels=9)),
     "sd-v2-inpainting": ModelConfig(name="sd-v2-inpainting", unet=dataclasses.replace(SD2_UNET, in_channels=9),
                                     text=SD2_TEXT, prediction="eps", image_size=512),
+    "sdxl": ModelConfig(name="sdxl", unet=SDXL_UNET, vae=SDXL_VAE, text=SDXL_CLIP_L, text_2=SDXL_CLIP_G,
+                        vector=SDXL_VECTOR, image_size=1024),
+    "sdxl-refiner": ModelConfig(name="sdxl-refiner", unet=SDXL_REFINER_UNET, vae=SDXL_VAE, text=SDXL_CLIP_G,
+                                vector=SDXL_REFINER_VECTOR, image_size=1024),
+    "tiny-sdxl": ModelConfig(name="tiny-sdxl", unet=TINY_SDXL_UNET, vae=TINY_VAE, text=TINY_CLIP_L, text_2=TINY_CLIP_G,
+                             vector=SDXL_VECTOR, image_size=64),
+    "tiny-sdxl-refiner": ModelConfig(
+        name="tiny-sdxl-refiner", vae=TINY_VAE, text=TINY_CLIP_G, vector=SDXL_REFINER_VECTOR, image_size=64,
+        unet=dataclasses.replace(TINY_SDXL_UNET, model_channels=48, transformer_depth=2, context_dim=48,
+                                 adm_in_channels=48 + 5 * 256)),
     "tiny": ModelConfig(name="tiny", unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, image_size=64),
     "tiny-inpainting": ModelConfig(name="tiny-inpainting", unet=dataclasses.replace(TINY_UNET, in_channels=9),
                                    vae=TINY_VAE, text=TINY_TEXT, image_size=64),

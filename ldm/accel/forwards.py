@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from ldm.accel.optimize import single_pass, upsample_conv
 from ldm.models import unet, vae
-from ldm.models.unet import timestep_embedding
 
 
 def add_residual(a: Tensor, b: Tensor) -> Tensor:
@@ -113,15 +112,18 @@ def timestep_sequential(self: unet.TimestepEmbedSequential, x: Tensor, emb: Tens
     return x
 
 
-def unet_model(self: unet.UNetModel, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
-    """UNetModel.forward for B latents and k * B contexts (shared latents); (k * B, 4, H, W)."""
-    self.check_inputs(x, context)
+def unet_model(self: unet.UNetModel, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+    """UNetModel.forward for B latents and k * B contexts (shared latents); (k * B, 4, H, W). With SDXL's vector y
+    (one per context) the embedding differs per context from the first block on: the latents are repeated first."""
+    self.check_inputs(x, context, y)
     if context.shape[0] % x.shape[0]:
         raise ValueError(f"UNet got {x.shape[0]} latents for {context.shape[0]} contexts; the contexts must be as "
                          "many as the latents or a multiple of them (latents shared by several prompts)")
     timesteps = self.timesteps_for(x, timesteps)
-    dtype = self.time_embed[0].weight.dtype
-    emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
+    if y is not None:
+        x, timesteps = repeat_batch(x, context.shape[0]), repeat_batch(timesteps, context.shape[0])
+    emb = self.embed(timesteps, y)
+    dtype = emb.dtype
     h, context = x.to(dtype), context.to(dtype)
     skips = []
     for block in self.input_blocks:

@@ -34,7 +34,8 @@ IGNORED_PREFIXES = ("model_ema.", "logvar", "lvlb_weights", "loss.")
 
 # Keys that may be absent (older or pruned files): they are recomputed from the config.
 POSITION_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
-OPTIONAL_KEYS = (*SCHEDULE_BUFFERS, POSITION_IDS_KEY)
+SDXL_POSITION_IDS_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+OPTIONAL_KEYS = (*SCHEDULE_BUFFERS, POSITION_IDS_KEY, SDXL_POSITION_IDS_KEY)
 
 VAE_PREFIX = "first_stage_model."
 
@@ -179,9 +180,14 @@ def detect_config(keys_and_shapes: Mapping[str, tuple[int, ...]], metadata: Mapp
         candidates = ["sd-v2", "sd-v2-base"]
     elif any(k.startswith("cond_stage_model.transformer.") for k in keys_and_shapes):
         candidates = ["sd-v1"]
+    elif any(k.startswith("conditioner.embedders.1.model.") for k in keys_and_shapes):
+        candidates = ["sdxl"]  # CLIP ViT-L and OpenCLIP ViT-bigG
+    elif any(k.startswith("conditioner.embedders.0.model.") for k in keys_and_shapes):
+        candidates = ["sdxl-refiner"]  # the bigG alone
     else:
-        raise CheckpointError("cannot tell the architecture: the file has no cond_stage_model.* text encoder keys. "
-                              "Is it a VAE or a diffusers UNet? Pass config= with a preset name or YAML.")
+        raise CheckpointError("cannot tell the architecture: the file has no cond_stage_model.* or conditioner.* "
+                              "text encoder keys. Is it a VAE or a diffusers UNet? Pass config= with a preset name "
+                              "or YAML.")
     conv_in = keys_and_shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))
     if conv_in[1] == 9:  # the inpainting variants (CompVis LatentInpaintDiffusion): eps, 512 px
         candidates = ["sd-v2-inpainting" if candidates[0] == "sd-v2" else "sd-v1-inpainting"]
@@ -233,9 +239,9 @@ def resolve_config(config: str | Path | ModelConfig | None) -> ModelConfig | Non
 def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, vae: str | Path | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prediction: str | None = None,
          use_ema: bool = False, allow_emulated_bf16: bool = False, accelerate: bool = True) -> StableDiffusion:
-    """Load a single-file SD 1.x/2.x checkpoint (.safetensors, or .ckpt through the restricted unpickler).
+    """Load a single-file SD 1.x/2.x or SDXL checkpoint (.safetensors, or .ckpt through the restricted unpickler).
 
-    config: a preset name (`sd-v1`, `sd-v2`, `sd-v2-base`, ...), a YAML (ldm's or the original inference YAML)
+    config: a preset name (`sd-v1`, `sd-v2`, `sd-v2-base`, `sdxl`, `sdxl-refiner`, ...), a YAML (ldm's or the original inference YAML)
         or a ModelConfig; default: the config saved in the file, else detected from keys and shapes.
     vae: a separate VAE file, with or without the `first_stage_model.` prefix, replacing the bundled one.
     prediction: "eps" or "v", overriding the config and the probe.
@@ -261,7 +267,7 @@ def load(path: str | Path, *, config: str | Path | ModelConfig | None = None, va
         tensors.update(read_vae(vae, dtype))
     tensors = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES)}
     probe = (prediction is None and config is None and METADATA_CONFIG_KEY not in metadata
-             and cfg.text.kind == "open-clip" and not cfg.inpainting)
+             and cfg.text.kind == "open-clip" and not cfg.inpainting and not cfg.sdxl)
     if prediction is not None:
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
@@ -287,12 +293,13 @@ def build_and_adopt(cfg: ModelConfig, tensors: dict[str, Tensor], source: str = 
         raise CheckpointError(f"{source} does not fit the {cfg.name} model:\n{problems}")
     s = cfg.schedule
     defaults = schedule_buffers(s)
-    defaults[POSITION_IDS_KEY] = torch.arange(cfg.text.max_length).expand((1, -1)).clone()
+    for key in (POSITION_IDS_KEY, SDXL_POSITION_IDS_KEY):
+        defaults[key] = torch.arange(cfg.text.max_length).expand((1, -1)).clone()
+        if key in tensors:  # some files store it as float
+            tensors[key] = tensors[key].round().long()
     for key in OPTIONAL_KEYS:
         if key in expected and key not in tensors:
             tensors[key] = defaults[key]
-    if POSITION_IDS_KEY in tensors:  # some files store it as float
-        tensors[POSITION_IDS_KEY] = tensors[POSITION_IDS_KEY].round().long()
     model.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -6,7 +6,9 @@
     betas, alphas_cumprod...  the DDPM schedule buffers the original LatentDiffusion registers
 
 The schedule buffers are derived from `config.schedule`; they are stored only so that a saved file has
-exactly the original key set.
+exactly the original key set. SDXL files (sgm's `DiffusionEngine`) have no schedule buffers, and their text side is
+
+    conditioner.embedders.N.*  the text encoders       (`sd.text_encoder`, a `Conditioner`)
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.config import ModelConfig, Prediction, ScheduleConfig
-from ldm.models.text_encoder import build_text_encoder
+from ldm.models.text_encoder import Conditioner, build_text_encoder
 from ldm.models.tokenizer import CLIPTokenizer
 from ldm.models.unet import UNetModel
 from ldm.models.vae import AutoencoderKL
@@ -66,10 +68,12 @@ class StableDiffusion(nn.Module):
         self.config = config
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = AutoencoderKL(config.vae)
-        self.cond_stage_model = build_text_encoder(config.text)
-        s = config.schedule
-        for name, value in schedule_buffers(s).items():
-            self.register_buffer(name, value)
+        if config.sdxl:
+            self.conditioner = Conditioner(config)
+        else:
+            self.cond_stage_model = build_text_encoder(config.text)
+            for name, value in schedule_buffers(config.schedule).items():
+                self.register_buffer(name, value)
         self._tokenizer: CLIPTokenizer | None = None
         # where the weights came from, for image metadata (set by `ldm.load`)
         self.source_name: str = config.name
@@ -86,7 +90,8 @@ class StableDiffusion(nn.Module):
 
     @property
     def text_encoder(self) -> nn.Module:
-        return self.cond_stage_model
+        """The text side: SD's `cond_stage_model`, SDXL's `conditioner`."""
+        return self.conditioner if self.config.sdxl else self.cond_stage_model
 
     @property
     def prediction(self) -> Prediction:
@@ -118,11 +123,19 @@ class StableDiffusion(nn.Module):
     @torch.no_grad()
     def encode_tokens(self, ids: Tensor, clip_skip: int = 1) -> Tensor:
         """Token ids (B, 77) -> conditioning (B, 77, D)."""
-        deepest = self.config.text.layers - (1 if self.config.text.layer == "penultimate" else 0)
+        return self.encode_text(ids, clip_skip)[0]
+
+    @torch.no_grad()
+    def encode_text(self, ids: Tensor, clip_skip: int = 1) -> tuple[Tensor, Tensor | None]:
+        """Token ids (B, 77) -> conditioning (B, 77, D) and, for SDXL, the pooled embedding (B, P)."""
+        text = min(self.config.text_encoders, key=lambda t: t.layers)
+        deepest = text.layers - (1 if text.layer == "penultimate" else 0)
         if not 1 <= clip_skip <= deepest:
-            raise ValueError(f"clip_skip must be in [1, {deepest}] for this text encoder ({self.config.text.layers} "
+            raise ValueError(f"clip_skip must be in [1, {deepest}] for this text encoder ({text.layers} "
                              f"layers), got {clip_skip}")
-        return self.cond_stage_model(ids.to(self.device), clip_skip=clip_skip)
+        if self.config.sdxl:
+            return self.conditioner(ids.to(self.device), clip_skip=clip_skip)
+        return self.cond_stage_model(ids.to(self.device), clip_skip=clip_skip), None
 
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> Tensor:
         """Prompts -> conditioning (B, 77, D)."""

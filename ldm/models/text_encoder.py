@@ -8,8 +8,14 @@ SD2 (`FrozenOpenCLIPEmbedder`) is the OpenCLIP text tower, written here natively
 (`cond_stage_model.model.token_embedding`, `.positional_embedding`, `.transformer.resblocks.N.attn.in_proj_weight`,
 `.ln_final`, `.text_projection`). SD2 conditions on the *penultimate* block's output, then `ln_final`.
 
+SDXL (sgm's `GeneralConditioner`, `Conditioner` here) holds the encoders as `conditioner.embedders.N.`: the base
+CLIP ViT-L (as SD1) then OpenCLIP ViT-bigG (as SD2), the refiner the bigG alone. Each conditions with its
+penultimate block's output *without* the final LayerNorm, the two concatenated along the width; the bigG's last
+block, through `ln_final`, at the end token, times `text_projection`, is the pooled embedding that starts the
+UNet's vector y. The tokens are the same for both but for the padding: CLIP-L pads with the end token, bigG with 0.
+
 `clip_skip` (A1111's option) counts from the end: 1 uses the encoder's usual layer, 2 one block earlier, and so on;
-the final LayerNorm is always applied, as A1111 does.
+the final LayerNorm is applied where the encoder's own layer has it (SD1, SD2), as A1111 does.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.config import TextEncoderConfig
+from ldm.config import VECTOR_CONDITIONS, VECTOR_EMBED_DIM, ModelConfig, TextEncoderConfig
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 
@@ -61,7 +67,8 @@ class FrozenCLIPEmbedder(nn.Module):
         out = tm(input_ids=tokens, output_hidden_states=True)
         # hidden_states[0] is the embedding output, hidden_states[-1] the last block's (before final LN)
         index = -clip_skip - (1 if self.cfg.layer == "penultimate" else 0)
-        return tm.final_layer_norm(out.hidden_states[index])
+        hidden = out.hidden_states[index]
+        return tm.final_layer_norm(hidden) if self.cfg.final_norm else hidden
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -124,6 +131,15 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.model = OpenCLIPTextTower(cfg)
 
     def forward(self, tokens: Tensor, clip_skip: int = 1) -> Tensor:
+        """Tokens (B, T) -> the conditioning hidden state (B, T, W)."""
+        return self._run(tokens, clip_skip, pooled=False)[0]
+
+    def with_pooled(self, tokens: Tensor, clip_skip: int = 1) -> tuple[Tensor, Tensor]:
+        """The conditioning hidden state (B, T, W) and the pooled embedding (B, projection_dim): the last block's
+        output through `ln_final` at the end token (the highest id), times `text_projection` (SDXL)."""
+        return self._run(tokens, clip_skip, pooled=True)
+
+    def _run(self, tokens: Tensor, clip_skip: int, pooled: bool) -> tuple[Tensor, Tensor | None]:
         m = self.model
         t = tokens.shape[1]
         x = m.token_embedding(tokens) + m.positional_embedding[:t].to(m.token_embedding.weight.dtype)  # (B, T, W)
@@ -132,9 +148,55 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         blocks = m.transformer.resblocks
         if not 0 <= skip < len(blocks):
             raise ValueError(f"clip_skip={clip_skip} is out of range for a {len(blocks)}-layer text encoder")
-        for block in blocks[: len(blocks) - skip]:
+        hidden = None
+        for i, block in enumerate(blocks[: len(blocks) - (0 if pooled else skip)]):
             x = block(x, causal)
-        return m.ln_final(x)
+            if i == len(blocks) - 1 - skip:
+                hidden = m.ln_final(x) if self.cfg.final_norm else x
+        if not pooled:
+            return hidden, None
+        last = m.ln_final(x)
+        return hidden, last[torch.arange(len(tokens), device=x.device), tokens.argmax(dim=-1)] @ m.text_projection
+
+
+def repad(tokens: Tensor, pad: int) -> Tensor:
+    """Token rows [start, ids..., end, padding] with the padding after each row's first end token set to `pad`."""
+    after_end = (tokens == CLIP_EOS).int().cumsum(dim=1) - (tokens == CLIP_EOS).int() > 0
+    return tokens.masked_fill(after_end, pad)
+
+
+class Conditioner(nn.Module):
+    """SDXL's text side, sgm's GeneralConditioner: `embedders.N` the text encoders of `cfg.text_encoders`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedders = nn.ModuleList(build_text_encoder(t) for t in cfg.text_encoders)
+
+    def forward(self, tokens: Tensor, clip_skip: int = 1) -> tuple[Tensor, Tensor]:
+        """Tokens (B, T) -> the context (B, T, sum of widths) and the pooled embedding (B, projection_dim)."""
+        hidden, pooled = [], None
+        *first, last = zip(self.embedders, self.cfg.text_encoders)
+        for encoder, cfg in first:
+            hidden.append(encoder(repad(tokens, cfg.pad_token), clip_skip))
+        encoder, cfg = last
+        z, pooled = encoder.with_pooled(repad(tokens, cfg.pad_token), clip_skip)
+        return torch.cat([*hidden, z], dim=-1), pooled
+
+    def vector(self, pooled: Tensor, conditions: dict[str, tuple[float, ...]]) -> Tensor:
+        """SDXL's y (B, adm_in_channels): the pooled embedding (B, P), then each of `cfg.vector`'s conditions, a
+        timestep embedding of each of its numbers (`original_size` (h, w), `crop_coords_top_left` (top, left),
+        `target_size` (h, w), `aesthetic_score` (s,)), the same for every row."""
+        from ldm.models.unet import timestep_embedding
+
+        parts = [pooled]
+        for name in self.cfg.vector:
+            values = tuple(conditions[name])
+            if len(values) != VECTOR_CONDITIONS[name]:
+                raise ValueError(f"{name} takes {VECTOR_CONDITIONS[name]} numbers, got {values}")
+            emb = timestep_embedding(torch.tensor(values, dtype=torch.float32, device=pooled.device), VECTOR_EMBED_DIM)
+            parts.append(emb.reshape(1, -1).expand(pooled.shape[0], -1).to(pooled.dtype))
+        return torch.cat(parts, dim=1)
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:

@@ -200,7 +200,8 @@ class TimestepEmbedSequential(nn.ModuleList):
 
 
 class UNetModel(nn.Module):
-    """eps- or v-predicting UNet: (x (B, 4, H, W), timesteps (B,), context (B, M, D)) -> (B, 4, H, W)."""
+    """eps- or v-predicting UNet: (x (B, 4, H, W), timesteps (B,), context (B, M, D)) -> (B, 4, H, W); SDXL's
+    also takes the vector y (B, adm_in_channels), embedded by `label_emb` and added to the timestep embedding."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -209,13 +210,17 @@ class UNetModel(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, level: int | None) -> SpatialTransformer:
             heads, head_dim = cfg.heads(ch)
-            return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.context_dim, groups,
+            return SpatialTransformer(ch, heads, head_dim, cfg.depth(level), cfg.context_dim, groups,
                                       cfg.use_linear_in_transformer, cfg.dropout)
 
         # time_embed.{0,2}: Sequential indices are checkpoint keys
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:
+            # SDXL's vector y (`num_classes: sequential`): label_emb.0.{0,2}, nested as the checkpoint keys are
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_channels = [mc]
@@ -225,7 +230,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups, cfg.dropout)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -234,7 +239,7 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, emb_dim, ch, groups, cfg.dropout), transformer(ch), ResBlock(ch, emb_dim, ch, groups, cfg.dropout)])
+            ResBlock(ch, emb_dim, ch, groups, cfg.dropout), transformer(ch, None), ResBlock(ch, emb_dim, ch, groups, cfg.dropout)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -242,7 +247,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups, cfg.dropout)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -256,11 +261,23 @@ class UNetModel(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def check_inputs(self, x: Tensor, context: Tensor) -> None:
+    def check_inputs(self, x: Tensor, context: Tensor, y: Tensor | None = None) -> None:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"UNet expects latents of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:
             raise ValueError(f"UNet expects context of shape (B, M, {self.cfg.context_dim}), got {tuple(context.shape)}")
+        adm = self.cfg.adm_in_channels
+        if adm is None and y is not None:
+            raise ValueError("this UNet takes no vector y (only SDXL's do)")
+        if adm is not None and (y is None or y.shape != (context.shape[0], adm)):
+            raise ValueError(f"this SDXL UNet needs y of shape ({context.shape[0]}, {adm}), one per context, got "
+                             f"{None if y is None else tuple(y.shape)}")
+
+    def embed(self, timesteps: Tensor, y: Tensor | None) -> Tensor:
+        """The embedding the ResBlocks add: of the timesteps (B,), plus SDXL's vector y (B, adm)."""
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))  # (B, 4 * mc)
+        return emb if y is None else emb + self.label_emb(y.to(dtype))
 
     def timesteps_for(self, x: Tensor, timesteps: Tensor | float) -> Tensor:
         """One timestep per latent: a scalar is shared by all."""
@@ -271,14 +288,13 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNet expects one timestep per latent ({x.shape[0]}), got shape {tuple(timesteps.shape)}")
         return timesteps
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
-        self.check_inputs(x, context)
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        self.check_inputs(x, context, y)
         if context.shape[0] != x.shape[0]:
             raise ValueError(f"UNet got {x.shape[0]} latents for {context.shape[0]} contexts; give one context per "
                              "latent")
-        timesteps = self.timesteps_for(x, timesteps)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))  # (B, 4 * mc)
+        emb = self.embed(self.timesteps_for(x, timesteps), y)
+        dtype = emb.dtype
         h = x.to(dtype)
         context = context.to(dtype)
         skips = []
