@@ -43,6 +43,7 @@ REQUEST_FIELDS = {
     "hires_steps": "hires_steps", "hires_denoise": "hires_denoise", "hires_upscaler": "hires_upscaler",
     "mask_blur": "mask_blur", "masked_content": "masked_content", "mask_invert": "mask_invert",
     "outpaint": "outpaint", "inpaint_area": "inpaint_area", "inpaint_padding": "inpaint_padding",
+    "refiner": "refiner", "refiner_switch": "refiner_switch",
 }
 FLAGS = {"guidance": "--scale", "batch_size": "--n-samples", "init_image": "--init-img", "loras": "--lora"}
 # The other flags' defaults.
@@ -140,6 +141,11 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--embeddings-dir", dest="embeddings_dir", default=S, metavar="DIR",
                    help="a folder of textual inversion embeddings (.pt, .safetensors): a word of the prompt that "
                         "names one of its files stands for its vectors")
+    p.add_argument("--refiner", default=S, metavar="FILE",
+                   help="a refiner checkpoint (sd_xl_refiner_1.0.safetensors) that takes over for the last steps")
+    p.add_argument("--refiner-switch", dest="refiner_switch", type=float, default=S, metavar="X",
+                   help=f"the fraction of the schedule after which the refiner takes over, in (0, 1) (default "
+                        f"{DEFAULT.refiner_switch})")
     if not img2img:
         p.add_argument("--hires-scale", dest="hires_scale", type=float, default=S, metavar="X",
                        help="hires fix: upscale the images by X and sample them again at that size (A1111)")
@@ -174,7 +180,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `ldm` parser. Of the commands in MODULE_COMMANDS only `command`'s module is imported and adds its own
     arguments; the others appear in the help by name."""
     parser = argparse.ArgumentParser(
-        prog="ldm", description="ldm: Stable Diffusion 1.x/2.x from scratch.",
+        prog="ldm", description="ldm: Stable Diffusion 1.x/2.x and SDXL from scratch.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n  txt2img, img2img   generate images (see `ldm txt2img --help`)\n"
                "  info               show what ldm detects in a checkpoint\n\n" + TXT2IMG_EXAMPLES)
@@ -479,12 +485,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from ldm.models.checkpoint import load
 
-    sd = load(args.ckpt, config=args.config, prediction=args.prediction)
+    from ldm.models.checkpoint import stored_dtype
+
+    # in the file's own dtype: its tensors stay mapped from the file, nothing is copied or converted
+    sd = load(args.ckpt, config=args.config, prediction=args.prediction, dtype=stored_dtype(args.ckpt),
+              accelerate=False, allow_emulated_bf16=True)
     cfg = sd.config
-    print(f"architecture: {cfg.name}")
+    kind = f" (SDXL {'refiner' if cfg.text_2 is None else 'base'})" if cfg.sdxl else ""
+    print(f"architecture: {cfg.name}{kind}")
     print(f"prediction:   {cfg.prediction}")
     print(f"native size:  {cfg.image_size}x{cfg.image_size}")
-    print(f"text encoder: {cfg.text.kind}, {cfg.text.layers} layers, width {cfg.text.width}, layer {cfg.text.layer}")
+    print(f"weights:      {str(sd.dtype).removeprefix('torch.')}")
+    for text in cfg.text_encoders:
+        print(f"text encoder: {text.kind}, {text.layers} layers, width {text.width}, layer {text.layer}")
     for name, m in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
         print(f"{name + ':':13} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M parameters")
     return 0

@@ -54,7 +54,7 @@ def test_an_embedding_stands_for_its_vectors_in_the_text_encoder(sd):
     ours = P.encode(sd, ["a photo of my-style, red"], embeddings={"my-style": emb})
     # by hand: the vectors put into the vocabulary at two ids the prompt does not use, and those ids in the prompt
     twin = copy.deepcopy(sd)
-    table = E.token_embedding(twin).weight
+    table = E.token_embeddings(twin)[0].weight
     with torch.no_grad():
         table[[10, 11]] = v.to(table.dtype)
     t = sd.tokenizer

@@ -5,7 +5,9 @@ running code) and `.safetensors` (`emb_params`), and diffusers' `learned_embeds`
 under the token's name). The file's name (without its extension) is the word that calls it in a prompt; a prompt's
 words are looked up in the request's embeddings folder. Its n vectors take the place of n tokens in the prompt's
 chunk (a chunk too full to hold them ends there, as in A1111), and the text encoder reads them instead of the
-vocabulary's vectors at those places. D must be the text encoder's width (768 for SD1, 1024 for SD2).
+vocabulary's vectors at those places. D must be the text encoder's width (768 for SD1, 1024 for SD2). SDXL files
+hold vectors for both of its text encoders (`clip_l` (n, 768), `clip_g` (n, 1280)): each encoder reads its own,
+and the refiner, which has only the bigG, the `clip_g` ones.
 
 The vectors reach the text encoder through a forward hook on its token embedding, which reads what to place from
 a context variable set for the one encoding call (`placed`): other threads' calls see nothing of it.
@@ -13,12 +15,14 @@ a context variable set for the one encoding call (`placed`): other threads' call
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from ldm.adapters.hashes import file_hash
@@ -37,9 +41,10 @@ class EmbeddingError(ValueError):
 @dataclass(frozen=True)
 class Embedding:
     name: str
-    vectors: Tensor  # (n, D)
+    vectors: Tensor  # (n, D); an SDXL file's: clip_l's then clip_g's side by side, (n, 768 + 1280)
     source: str
     hash: str = ""  # A1111's "TI hashes": the first 12 hex digits of the file's sha256
+    clip_l_width: int | None = None  # SDXL files: where clip_g's columns start
 
     @classmethod
     def read(cls, path: str | Path) -> Embedding:
@@ -50,30 +55,35 @@ class Embedding:
             data = read_state_dict(path)[0]
         else:
             data = read_pickle(path)
-        return cls(path.stem, _vectors(data, path), str(path), file_hash(path))
+        vectors, clip_l_width = _vectors(data, path)
+        return cls(path.stem, vectors, str(path), file_hash(path), clip_l_width)
 
     def named(self, name: str) -> Embedding:
         """The same vectors under another name (a renamed file found by its hash keeps the prompt's word)."""
-        return Embedding(name, self.vectors, self.source, self.hash)
+        return dataclasses.replace(self, name=name)
 
 
-def _vectors(data, path: Path) -> Tensor:
+def _vectors(data, path: Path) -> tuple[Tensor, int | None]:
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path} holds a {type(data).__name__}, not an embedding")
+    if "clip_l" in data or "clip_g" in data:  # SDXL
+        parts = [data.get("clip_l"), data.get("clip_g")]
+        if not all(isinstance(p, Tensor) and p.ndim == 2 for p in parts) or parts[0].shape[0] != parts[1].shape[0]:
+            raise EmbeddingError(f"{path} is not an SDXL embedding: it needs clip_l (n, 768) and clip_g (n, 1280), "
+                                 f"got {sorted(map(str, data))[:8]}")
+        return torch.cat([p.detach().float() for p in parts], dim=1), parts[0].shape[1]
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
         tensors = list(params.values()) if isinstance(params, dict) else []
     elif "emb_params" in data:  # A1111 .safetensors
         tensors = [data["emb_params"]]
-    elif "clip_l" in data or "clip_g" in data:
-        raise EmbeddingError(f"{path} is an SDXL embedding (clip_l / clip_g), not one for SD 1.x / 2.x")
     else:  # diffusers: {token: tensor}
         tensors = [v for v in data.values() if isinstance(v, Tensor)]
     if len(tensors) != 1 or not isinstance(tensors[0], Tensor):
         raise EmbeddingError(f"{path} is not a textual inversion embedding (A1111 string_to_param / emb_params, or "
                              f"diffusers' learned_embeds); keys: {sorted(map(str, data))[:8]}")
     vectors = tensors[0].detach().float()
-    return vectors[None] if vectors.ndim == 1 else vectors.reshape(-1, vectors.shape[-1])
+    return (vectors[None] if vectors.ndim == 1 else vectors.reshape(-1, vectors.shape[-1])), None
 
 
 def find(folder: str | Path | None, words: set[str], hashes: tuple[tuple[str, str], ...] = ()) -> dict[str, Path]:
@@ -94,36 +104,50 @@ def find(folder: str | Path | None, words: set[str], hashes: tuple[tuple[str, st
     return found
 
 
-def check_width(embedding: Embedding, width: int, model: str) -> Embedding:
-    if embedding.vectors.shape[-1] != width:
-        raise EmbeddingError(f"{embedding.source} has {embedding.vectors.shape[-1]}-wide vectors, for another "
-                             f"model; this {model} model's text encoder takes {width}")
+def for_model(embedding: Embedding, cfg) -> Embedding:
+    """The embedding as `cfg`'s text side reads it (the refiner: an SDXL file's clip_g vectors), or EmbeddingError
+    when its vectors are for another model."""
+    widths = [t.width for t in cfg.text_encoders]
+    if embedding.clip_l_width is not None and cfg.sdxl and cfg.text_2 is None:  # the SDXL refiner
+        embedding = dataclasses.replace(embedding, vectors=embedding.vectors[:, embedding.clip_l_width:],
+                                        clip_l_width=None)
+    sdxl_file = embedding.clip_l_width is not None
+    if embedding.vectors.shape[-1] != sum(widths) or sdxl_file != (len(widths) == 2):
+        what = "an SDXL embedding (clip_l, clip_g)" if sdxl_file else \
+            f"{embedding.vectors.shape[-1]}-wide vectors"
+        raise EmbeddingError(f"{embedding.source} has {what}, for another model; this {cfg.name} model's text "
+                             f"encoder{'s take' if len(widths) == 2 else ' takes'} {' + '.join(map(str, widths))}")
     return embedding
 
 
-def token_embedding(sd) -> nn.Embedding:
-    encoder = sd.cond_stage_model
-    if hasattr(encoder, "transformer"):
-        return encoder.transformer.text_model.embeddings.token_embedding
-    return encoder.model.token_embedding
+def token_embeddings(sd) -> list[nn.Embedding]:
+    """The token embedding of each text encoder, in the order of the columns of the embeddings' vectors."""
+    encoders = sd.text_encoder.embedders if sd.config.sdxl else [sd.text_encoder]
+    return [e.transformer.text_model.embeddings.token_embedding if hasattr(e, "transformer") else e.model.token_embedding
+            for e in encoders]
 
 
 def install(sd) -> None:
-    """Puts the hook that places embeddings on `sd`'s token embedding (once per model)."""
-    module = token_embedding(sd)
-    with _INSTALL:
-        if HOOK_ATTR not in module.__dict__:
-            module.register_forward_hook(_place)
-            module.__dict__[HOOK_ATTR] = True
+    """Puts the hook that places embeddings on `sd`'s token embeddings (once per model); each reads its columns of
+    the vectors."""
+    start = 0
+    for module in token_embeddings(sd):
+        width = module.embedding_dim
+        with _INSTALL:
+            if HOOK_ATTR not in module.__dict__:
+                module.register_forward_hook(_place)
+                module.__dict__[HOOK_ATTR] = (start, start + width)
+        start += width
 
 
 def _place(module: nn.Module, inputs, output: Tensor) -> Tensor:
     slots = _SLOTS.get()
     if not slots:
         return output
+    lo, hi = module.__dict__[HOOK_ATTR]
     output = output.clone()
     for row, start, vectors in slots:
-        output[row, start:start + vectors.shape[0]] = vectors.to(output.device, output.dtype)
+        output[row, start:start + vectors.shape[0]] = vectors[:, lo:hi].to(output.device, output.dtype)
     return output
 
 

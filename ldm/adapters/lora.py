@@ -3,13 +3,15 @@
 Formats (told apart by their keys):
 - kohya / A1111 LoRA and LoCon: `lora_unet_<layer>.lora_down.weight` (r, in[, kh, kw]), `.lora_up.weight`
   (out, r[, 1, 1]) and `.alpha`; ΔW = up · down · alpha / r (Hu et al. 2021, eq. 3, with kohya's alpha).
-  `lora_te_<layer>` for the text encoder. A layer is diffusers' module name (or the CompVis one) with "_" for ".".
+  `lora_te_<layer>` for the text encoder (SDXL: `lora_te1_` CLIP ViT-L, `lora_te2_` OpenCLIP ViT-bigG). A layer is
+  diffusers' module name (or the CompVis one) with "_" for ".".
 - LyCORIS LoHa: `.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b`, `.alpha`; ΔW = (w1_a w1_b) ⊙ (w2_a w2_b)
   · alpha / r (Hyeon-Woo et al. 2022, the Hadamard product of two low-rank matrices).
 - LyCORIS LoKr: `.lokr_w1` (or `.lokr_w1_a` · `.lokr_w1_b`), `.lokr_w2` (or `.lokr_w2_a` · `.lokr_w2_b`), `.alpha`;
   ΔW = w1 ⊗ w2 (Kronecker product), times alpha / r where a factor is low-rank (r its rank), else times 1.
 - diffusers / PEFT: `unet.<layer>.lora_A.weight` (r, in), `unet.<layer>.lora_B.weight` (out, r), optional
-  `.alpha`; `text_encoder.<layer>` for the text encoder; ΔW = B · A · alpha / r (alpha = r when absent).
+  `.alpha`; `text_encoder.<layer>` for the text encoder (SDXL: and `text_encoder_2.`); ΔW = B · A · alpha / r
+  (alpha = r when absent).
 
 `merge(sd, [(lora, weight), ...])` adds weight · ΔW to each layer's weight (computed in fp32, stored in the
 model's dtype) and returns a `Merged` whose `restore()` puts the original weights back, bit for bit (it keeps a
@@ -34,6 +36,8 @@ from ldm.adapters.names import unet_names
 
 KOHYA_UNET, KOHYA_TEXT = "lora_unet_", "lora_te_"
 PEFT_UNET, PEFT_TEXT = "unet.", "text_encoder."
+# SDXL base: the prefixes of its two text encoders, (kohya, PEFT) for each
+SDXL_TEXT = (("lora_te1_", "text_encoder."), ("lora_te2_", "text_encoder_2."))
 # the suffixes of one layer's tensors, per format
 FORMATS = {
     "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
@@ -187,7 +191,7 @@ class LoRA:
 
 
 # the width of the text conditioning, which tells the base models apart: attn2.to_k's input features
-CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
 SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 
 
@@ -214,16 +218,22 @@ def targets(sd) -> dict[str, Target]:
         out[PEFT_UNET + diffusers] = target
     for compvis, m in layers.items():
         out.setdefault(KOHYA_UNET + compvis.replace(".", "_"), Target(m, "weight"))
-    for name, target in _text_layers(sd).items():
-        out[KOHYA_TEXT + name.replace(".", "_")] = target
-        out[PEFT_TEXT + name] = target
+    if sd.config.text_2 is not None:
+        encoders = [(kohya, peft, encoder) for (kohya, peft), encoder in zip(SDXL_TEXT, sd.text_encoder.embedders)]
+    else:
+        encoder = sd.text_encoder.embedders[0] if sd.config.sdxl else sd.text_encoder
+        encoders = [(KOHYA_TEXT, PEFT_TEXT, encoder)]
+    for kohya, peft, encoder in encoders:
+        for name, target in _text_layers(encoder).items():
+            out[kohya + name.replace(".", "_")] = target
+            out[peft + name] = target
     return out
 
 
-def _text_layers(sd) -> dict[str, Target]:
-    """The text encoder's layers under the Hugging Face CLIP names that LoRA files use (`text_model.encoder.layers.N.
-    self_attn.q_proj`, `mlp.fc1`, ...); for open_clip (SD2) the q, k and v parts of its fused input projection."""
-    encoder = sd.cond_stage_model
+def _text_layers(encoder: nn.Module) -> dict[str, Target]:
+    """A text encoder's layers under the Hugging Face CLIP names that LoRA files use (`text_model.encoder.layers.N.
+    self_attn.q_proj`, `mlp.fc1`, ...); for open_clip (SD2, SDXL's bigG) the q, k and v parts of its fused input
+    projection."""
     out = {}
     if hasattr(encoder, "transformer"):  # SD1: Hugging Face CLIP names already
         for name, m in encoder.transformer.named_modules():
@@ -263,7 +273,9 @@ def merge(sd, loras: list[tuple[LoRA, float]]) -> Merged:
     changes: a key that names no layer of this model, or a shape that does not fit, raises LoRAError."""
     table = targets(sd)
     plan = []
-    model = CONTEXT_WIDTHS.get(sd.config.unet.context_dim)
+    cfg = sd.config
+    model = ("SDXL" if cfg.text_2 is not None else "the SDXL refiner") if cfg.sdxl else \
+        CONTEXT_WIDTHS.get(cfg.unet.context_dim)
     for lora, weight in loras:
         base = base_model(lora)
         if base is not None and model is not None and base != model:

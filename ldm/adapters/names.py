@@ -17,7 +17,8 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
            "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 # the layers outside the blocks
 _TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-        "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+        "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+        "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # SDXL's y
 
 
 def unet_block_names(cfg: UNetConfig) -> dict[str, tuple[str, str]]:

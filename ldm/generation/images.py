@@ -99,6 +99,8 @@ def infotext(p: dict[str, Any]) -> str:
                if "mask_blur" in p else None), ("Masked area padding", p.get("inpaint_padding")),
               ("Hires upscale", p.get("hires_scale")), ("Hires steps", p.get("hires_steps") or None),
               ("Hires upscaler", p.get("hires_upscaler")),
+              ("Refiner", f"{p['refiner_model']} [{(p.get('refiner_sha256') or '')[:10]}]".replace(" []", "")
+               if p.get("refiner_model") else None), ("Refiner switch at", p.get("refiner_switch")),
               ("Lora hashes", _hashes(f"{name}: {h}" for name, _, h in p.get("lora_hashes") or [])),
               ("TI hashes", _hashes(f"{name}: {h}" for name, h in p.get("ti_hashes") or [])),
               ("Version", f"ldm {p['version']}" if "version" in p else None)]

@@ -37,19 +37,19 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 from ldm import __version__, accel
-from ldm.adapters.embeddings import Embedding, EmbeddingError, check_width
+from ldm.adapters.embeddings import Embedding, EmbeddingError, for_model
 from ldm.adapters.embeddings import find as find_embeddings
 from ldm.adapters.lora import LoRA, LoRAError, using
 from ldm.accel.optimize import largest_activation
 from ldm.config import Interval, check_interval
 from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
-from ldm.generation.prompts import encode as encode_prompts
+from ldm.generation.prompts import encode_with_pooled
 from ldm.generation.prompts import words as prompt_words
 from ldm.generation.request import (HIRES_UPSCALERS, MAX_SEED, Generation, RequestError, check_size_multiple,
                                     lora_file)
 from ldm.models import attention
-from ldm.sampling.denoisers import DiscreteDenoiser
-from ldm.sampling.guidance import CFGDenoiser
+from ldm.sampling.denoisers import DiscreteDenoiser, Handoff
+from ldm.sampling.guidance import CFGDenoiser, Conditioning
 from ldm.sampling.names import STOCHASTIC_SAMPLERS
 from ldm.sampling.samplers import Step, generators_for, randn, sample_steps
 from ldm.sampling.schedules import alphas_cumprod_for
@@ -167,17 +167,21 @@ def resolve_schedule(sampler: str, schedule: str | None) -> str:
     return Generation(sampler=sampler, schedule=schedule).resolved_schedule
 
 
-def make_denoiser(sd, cond: Tensor, uncond: Tensor | None, guidance: float, guidance_rescale: float = 0.0,
-                  guidance_interval: Interval | None = None, concat: Tensor | None = None) -> CFGDenoiser:
+def make_denoiser(sd, cond: Tensor | Conditioning, uncond: Tensor | Conditioning | None, guidance: float,
+                  guidance_rescale: float = 0.0, guidance_interval: Interval | None = None,
+                  concat: Tensor | None = None) -> CFGDenoiser:
     """The UNet as a guided denoiser D(x, σ) on the model's training schedule (float64). `concat` (an inpainting
     model's mask and masked-image latents, (1, 5, h, w)) joins the UNet's input after the (scaled) latents, as
     CompVis' "hybrid" conditioning does."""
     unet = sd.unet
 
-    def model_fn(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def model_fn(x: Tensor, t: Tensor, cond: Tensor | Conditioning) -> Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
-        out = unet(x, t, context)
+        if isinstance(cond, Conditioning) and cond.y is not None:
+            out = unet(x, t, cond.context, cond.y)
+        else:
+            out = unet(x, t, cond.context if isinstance(cond, Conditioning) else cond)
         if not torch.isfinite(out).all():
             raise NaNError("the UNet produced NaN/Inf values (fp16 overflow?). Try --precision fp32, or keep "
                            "attention in fp32 (--upcast-attention, or Generation(upcast_attention=True))")
@@ -363,6 +367,7 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         settings["slice_size"] = request.attention_slicing
     loras = read_loras(request)
     embeddings = read_embeddings(sd, request, prompts + request.negative_prompts)
+    refiner = refiner_model(sd, request)
     with attention.options(**settings) as used, _merged(sd, loras):
         shape = (sd.config.vae.embed_dim, height // f, width // f)  # the latents' channels: the VAE's
         init = None
@@ -381,7 +386,13 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         else:
             noise = request.latents
         concat = _inpainting_input(sd, request, masks, width, height) if sd.config.inpainting else None
-        denoiser = _guided_denoiser(sd, request, prompts, interval, invariant, embeddings, concat)
+        texts = encode_texts(sd, request, prompts, embeddings)
+        denoiser = _guided_denoiser(sd, request, texts, (width, height), interval, invariant, concat)
+        if refiner is not None:  # A1111's refiner: the rest of the steps on another model
+            refiner_embeddings = read_embeddings(refiner, request, prompts + request.negative_prompts)
+            refined = _guided_denoiser(refiner, request, encode_texts(refiner, request, prompts, refiner_embeddings),
+                                       (width, height), model_interval(refiner, request.guidance_interval), invariant)
+            denoiser = Handoff(denoiser, refined, request.refiner_switch)
         if masks is not None and concat is None:  # an ordinary model: held to the known latents (A1111)
             keep = masks[2]
             if request.masked_content == "latent noise":
@@ -398,6 +409,8 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         if request.hires:  # A1111's hires fix: upscale, then img2img at the larger size
             init = _upscale(sd, request, latents, final, generators, vae_by_image)
             noise = randn(init.shape[1:], generators, device=sd.device)
+            if sd.config.sdxl:  # conditioned on the larger size
+                denoiser = _guided_denoiser(sd, request, texts, final, interval, invariant)
             latents = yield from _sample(sd, request, denoiser, noise, init, request.hires_denoise, hires_steps,
                                          generators, invariant, offset=first, total=total)
         images = decode(sd, latents, image_by_image=vae_by_image, tile_size=request.tile_size)
@@ -421,6 +434,8 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         params["lora_hashes"] = [[lora.name, weight, lora.hash] for lora, weight in loras]
     if embeddings:
         params["ti_hashes"] = [[e.name, e.hash] for e in embeddings.values()]
+    if refiner is not None:
+        params.update(refiner_model=refiner.source_name, refiner_sha256=refiner.source_sha256)
     return Result(pictures, seeds, request.texts, params, latents, asked)
 
 
@@ -603,7 +618,7 @@ def read_embeddings(sd, request: Generation, prompts: list[str]) -> dict[str, Em
     words = set().union(*map(prompt_words, prompts))
     try:
         found = find_embeddings(request.embeddings_dir, words, request.ti_hashes)
-        return {name: check_width(Embedding.read(path).named(name), sd.config.text.width, sd.config.name)
+        return {name: for_model(Embedding.read(path).named(name), sd.config)
                 for name, path in found.items()}
     except EmbeddingError as e:
         raise RequestError("embeddings_dir", str(e)) from None
@@ -620,6 +635,44 @@ def read_loras(request: Generation) -> list[tuple[LoRA, float]]:
     return out
 
 
+# The refiner last loaded by path, kept for the next request: (path, size, mtime, dtype, device) -> model.
+_refiners: dict[tuple, Any] = {}
+_refiners_lock = threading.Lock()
+
+
+def refiner_model(sd, request: Generation):
+    """The request's refiner, as a model of `sd`'s dtype and device: the one given, or the file loaded (and kept for
+    the next request, one at a time); None without a refiner. RequestError when it cannot serve `sd`."""
+    refiner = request.refiner
+    if refiner is None:
+        return None
+    if isinstance(refiner, (str, os.PathLike)):
+        from ldm.models.checkpoint import CheckpointError, load
+
+        path = Path(refiner)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, sd.dtype, str(sd.device))
+        with _refiners_lock:
+            if key not in _refiners:
+                _refiners.clear()  # one refiner in memory at a time
+                try:
+                    model = load(path, device=sd.device, dtype=sd.dtype, accelerate=accel.is_accelerated(sd.unet))
+                except (CheckpointError, ValueError) as e:
+                    raise RequestError("refiner", f"refiner {path}: {e}") from None
+                from ldm.generation.images import file_sha256
+
+                model.source_sha256 = file_sha256(path)
+                _refiners[key] = model
+            refiner = _refiners[key]
+    if (refiner.config.vae.embed_dim, refiner.config.vae.downsample_factor) != \
+            (sd.config.vae.embed_dim, sd.config.vae.downsample_factor):
+        raise RequestError("refiner", f"refiner {refiner.source_name} works on other latents than {sd.source_name} "
+                                      "(another VAE); pick a refiner of the same family, e.g. sdxl-refiner for SDXL")
+    if sd.config.inpainting or refiner.config.inpainting:
+        raise RequestError("refiner", "a refiner does not combine with inpainting models")
+    return refiner
+
+
 @contextlib.contextmanager
 def _merged(sd, loras: list[tuple[LoRA, float]]) -> Iterator[None]:
     """The model with these LoRAs merged for the block (shared with other runs using the same ones)."""
@@ -631,17 +684,62 @@ def _merged(sd, loras: list[tuple[LoRA, float]]) -> Iterator[None]:
         yield
 
 
-def _guided_denoiser(sd, request: Generation, prompts: list[str], interval: Interval | None,
-                     image_by_image: bool, embeddings: dict[str, Embedding], concat: Tensor | None = None):
-    """The UNet as a guided denoiser of the request's prompts, one image's guidance pair at a time if asked."""
+@dataclass(frozen=True)
+class Texts:
+    """The encoded prompts of a request: `context` (B + N, M, D), the B prompts then the N negative prompts (none
+    without guidance), and SDXL's pooled embeddings (B + N, P)."""
+    context: Tensor
+    pooled: Tensor | None
+    prompts: int
+
+
+def encode_texts(sd, request: Generation, prompts: list[str], embeddings: dict[str, Embedding]) -> Texts:
+    """The prompts and (with guidance) the negative prompts, encoded as A1111 reads them (emphasis, BREAK, chunks
+    of 75 tokens, the negatives padded to the prompts' chunks and back). For SDXL, negative prompts that are all
+    empty are zeros, context and pooled alike, as A1111 (and diffusers' base pipeline) make them."""
+    negatives = request.negative_prompts if request.guidance != 1.0 else []
+    context, pooled = encode_with_pooled(sd, prompts + negatives, clip_skip=request.clip_skip, embeddings=embeddings)
+    n = len(prompts)
+    if sd.config.sdxl and negatives and not any(negatives):
+        context = torch.cat([context[:n], torch.zeros_like(context[n:])])
+        pooled = torch.cat([pooled[:n], torch.zeros_like(pooled[n:])])
+    return Texts(context, pooled, n)
+
+
+# A1111's defaults for SDXL's conditions: no crop, and the refiner's aesthetic score (its options
+# sdxl_refiner_high_aesthetic_score / _low_ for the negative prompts)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+
+
+def conditioning(sd, texts: Texts, size: tuple[int, int]) -> tuple[Tensor | Conditioning, Tensor | Conditioning | None]:
+    """(cond, uncond) for the UNet: the contexts, and for SDXL their vector y, with the image's size (w, h) as both
+    its original and its target size (A1111)."""
+    n = texts.prompts
+    uncond = texts.context[n:] if len(texts.context) > n else None
+    if not sd.config.sdxl:
+        return texts.context[:n], uncond
+    width, height = size
+
+    def vector(rows: slice, score: float) -> Tensor:
+        return sd.text_encoder.vector(texts.pooled[rows], {
+            "original_size": (height, width), "crop_coords_top_left": (0, 0), "target_size": (height, width),
+            "aesthetic_score": (score,)})
+
+    cond = Conditioning(texts.context[:n], vector(slice(None, n), AESTHETIC_SCORE))
+    if uncond is None:
+        return cond, None
+    return cond, Conditioning(uncond, vector(slice(n, None), NEGATIVE_AESTHETIC_SCORE))
+
+
+def _guided_denoiser(sd, request: Generation, texts: Texts, size: tuple[int, int], interval: Interval | None,
+                     image_by_image: bool, concat: Tensor | None = None):
+    """The UNet as a guided denoiser of the encoded prompts for images of `size` (w, h), one image's guidance pair
+    at a time if asked."""
     guidance = request.guidance
-    negatives = request.negative_prompts if guidance != 1.0 else []
-    # A1111 prompts (emphasis, BREAK, chunks of 75 tokens), the negatives padded to the prompts' chunks and back
-    context = encode_prompts(sd, prompts + negatives, clip_skip=request.clip_skip, embeddings=embeddings)
-    cond, uncond = context[:len(prompts)], (context[len(prompts):] if negatives else None)
-    if image_by_image and len(prompts) > 1:
+    cond, uncond = conditioning(sd, texts, size)
+    if image_by_image and texts.prompts > 1:
         return ImageByImage([make_denoiser(sd, cond[i:i + 1], None if uncond is None else uncond[i:i + 1], guidance,
-                                           request.guidance_rescale, interval, concat) for i in range(len(prompts))])
+                                           request.guidance_rescale, interval, concat) for i in range(texts.prompts)])
     return make_denoiser(sd, cond, uncond, guidance, request.guidance_rescale, interval, concat)
 
 

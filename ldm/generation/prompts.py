@@ -16,7 +16,8 @@ prompt and its negative prompt are padded to the same number of chunks with chun
 Weights. Each token's vector is multiplied by its factor, then the whole prompt's encoding is rescaled so that its
 mean is the mean it had before (A1111's "original" emphasis; A1111 takes that mean over the batch of prompts it
 encodes together, which is the same when the batch repeats one prompt, ldm per prompt so that an image does not
-depend on its batch). A prompt without emphasis gives exactly the encoding of the plain tokenizer.
+depend on its batch). SDXL's two text encoders are weighted each on its own, as A1111 does. A prompt without
+emphasis gives exactly the encoding of the plain tokenizer. SDXL's pooled embedding is the first chunk's, unweighted.
 """
 from __future__ import annotations
 
@@ -203,35 +204,47 @@ def encode(sd, prompts: list[str], clip_skip: int = 1, chunks: int | None = None
     """Prompts -> conditioning (B, 77 * k, D), k the most chunks of any prompt (or `chunks`, if more); shorter
     prompts are padded with chunks of the empty prompt. Each distinct prompt is encoded once. `embeddings`: the
     textual inversions that words of the prompts name."""
+    return encode_with_pooled(sd, prompts, clip_skip, chunks, embeddings)[0]
+
+
+def encode_with_pooled(sd, prompts: list[str], clip_skip: int = 1, chunks: int | None = None,
+                       embeddings: dict[str, Embedding] | None = None) -> tuple[Tensor, Tensor | None]:
+    """`encode`, and for SDXL each prompt's pooled embedding (B, P): its first chunk's, without emphasis, as A1111
+    takes it (None for SD 1.x/2.x)."""
     tokens = {p: tokenize(sd.tokenizer, p, embeddings) for p in dict.fromkeys(prompts)}
     k = max([chunks or 1, *(t.ids.shape[0] for t in tokens.values())])
     encoded = {p: _encode_one(sd, t, clip_skip) for p, t in tokens.items()}
     pad = None
-    out = []
+    out, pooled = [], []
     for p in prompts:
-        z = encoded[p]
+        z, first = encoded[p]
         if z.shape[0] < k:
             if pad is None:
-                pad = _encode_one(sd, empty_chunk(sd.tokenizer), clip_skip)
+                pad = _encode_one(sd, empty_chunk(sd.tokenizer), clip_skip)[0]
             z = torch.cat([z, pad.expand(k - z.shape[0], *pad.shape[1:])])
         out.append(z.reshape(1, -1, z.shape[-1]))  # chunks one after the other along the sequence
-    return torch.cat(out)
+        pooled.append(first)
+    return torch.cat(out), None if pooled[0] is None else torch.cat(pooled)
 
 
 def count_chunks(tokenizer, prompt: str) -> int:
     return tokenize(tokenizer, prompt).ids.shape[0]
 
 
-def _encode_one(sd, tokens: PromptTokens, clip_skip: int) -> Tensor:
-    """(chunks, 77, D): each chunk through the text encoder, weighted with the mean restored."""
+def _encode_one(sd, tokens: PromptTokens, clip_skip: int) -> tuple[Tensor, Tensor | None]:
+    """(chunks, 77, D): each chunk through the text encoder, weighted with the mean restored; and the first
+    chunk's pooled embedding (1, P) (SDXL; else None)."""
     if tokens.slots:
         install(sd)
         with placed(tokens.slots):
-            z = sd.encode_tokens(tokens.ids, clip_skip=clip_skip)
+            z, pooled = sd.encode_text(tokens.ids, clip_skip=clip_skip)
     else:
-        z = sd.encode_tokens(tokens.ids, clip_skip=clip_skip)
+        z, pooled = sd.encode_text(tokens.ids, clip_skip=clip_skip)
+    pooled = None if pooled is None else pooled[:1]
     if tokens.plain:
-        return z
-    mean = z.float().mean()
-    weighted = z.float() * tokens.weights.to(z.device)[..., None]
-    return (weighted * (mean / weighted.mean())).to(z.dtype)
+        return z, pooled
+    # SDXL's two encoders are weighted each on its own (A1111 wraps each one), their widths side by side in z
+    parts = z.float().split([t.width for t in sd.config.text_encoders], dim=-1)
+    weights = tokens.weights.to(z.device)[..., None]
+    return torch.cat([(part * weights) * (part.mean() / (part * weights).mean()) for part in parts],
+                     dim=-1).to(z.dtype), pooled

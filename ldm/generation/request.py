@@ -94,6 +94,9 @@ class Generation:
         bounding box plus `inpaint_padding` pixels, scaled to width x height (default: the model's size), and
         pastes the result back into the whole image. outpaint (left, top, right, bottom): pixels to add around the init
         image (multiples of 8), its edge pixels stretched into them, and inpainted (with `mask`, if any).
+    refiner (A1111's refiner, SDXL's base -> refiner hand-off): a checkpoint file (or a loaded model) that takes
+        over from the model at the step whose timestep is `refiner_switch` of the way through the schedule (0.8:
+        the steps at t < 200), conditioned by its own text encoders; a model of the same latent space.
     batch_invariant: run the networks image by image, so that a batch equals its images made alone, bit for bit
         (None: on CPU). vae_tiling / vae_tile_size / vae_slicing / attention_slicing: less memory, the same image up
         to float rounding (`ldm.generation.pipeline`). attention / upcast_attention: the attention backend, and
@@ -139,6 +142,8 @@ class Generation:
     outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)
     inpaint_area: str = "whole"
     inpaint_padding: int = 32
+    refiner: str | Any = None
+    refiner_switch: float = 0.8
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -200,6 +205,12 @@ class Generation:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise RequestError("loras", f"loras: the weight of {name} must be a finite number, got {weight!r}")
         self.lora_tags  # checks the tags' weights
+        if self.refiner is not None:
+            if isinstance(self.refiner, (str, Path)) and not Path(self.refiner).is_file():
+                raise RequestError("refiner", f"refiner checkpoint not found: {self.refiner}")
+            if self.hires:
+                raise RequestError("refiner", "refiner and hires_scale do not combine; run the hires fix without a "
+                                              "refiner")
 
     def _check_numbers(self) -> None:
         def integer(name: str, low: int, high: int | None = None, bound: str | None = None) -> None:
@@ -227,6 +238,9 @@ class Generation:
         number("strength", 0.0, 1.0, low_open=True)
         number("hires_scale", 1.0, 8.0)
         number("hires_denoise", 0.0, 1.0, low_open=True)
+        number("refiner_switch", 0.0, 1.0, low_open=True)
+        if self.refiner_switch == 1.0:
+            raise RequestError("refiner_switch", "refiner_switch must be below 1 (1 would never switch)")
         integer("hires_steps", 0)
         integer("mask_blur", 0, 64, "in [0, 64]")
         integer("inpaint_padding", 0, 1024, "in [0, 1024]")
@@ -351,7 +365,16 @@ class Generation:
                        hires_upscaler=self.hires_upscaler)
         if self.loras:
             out["loras"] = [[name, weight] for name, weight in self.loras]
+        if self.refiner is not None:
+            out.update(refiner=self.refiner_path, refiner_switch=self.refiner_switch)
         return out
+
+    @property
+    def refiner_path(self) -> str | None:
+        """The refiner's file as given (a loaded model: its source name)."""
+        if self.refiner is None or isinstance(self.refiner, (str, Path)):
+            return None if self.refiner is None else str(self.refiner)
+        return getattr(self.refiner, "source_name", None)
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> Generation:
@@ -410,7 +433,7 @@ REPLAYED_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "sch
                    "guidance_rescale", "guidance_interval", "eta", "width", "height", "clip_skip", "strength",
                    "attention", "upcast_attention", "loras", "lora_dir", "embeddings_dir", "hires_scale", "hires_steps",
                    "hires_denoise", "hires_upscaler", "mask_blur", "masked_content", "mask_invert", "outpaint",
-                   "inpaint_area", "inpaint_padding")
+                   "inpaint_area", "inpaint_padding", "refiner", "refiner_switch")
 
 
 def check_size_multiple(name: str, value: int, multiple: int) -> None:

@@ -122,6 +122,22 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     return tensors, metadata
 
 
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype of most of a file's floating tensors (read from a safetensors header; fp32 for a pickle)."""
+    path = Path(path)
+    if sniff_format(path) != "safetensors":
+        return torch.float32
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    counts: dict[torch.dtype, int] = {}
+    for key, entry in header.items():
+        if key != "__metadata__" and entry["dtype"] in names:
+            counts[names[entry["dtype"]]] = counts.get(names[entry["dtype"]], 0) + 1
+    return max(counts, key=counts.get, default=torch.float32)
+
+
 def read_pickle(path: Path, fmt: str | None = None) -> Any:
     """The object a torch pickle (.ckpt, .pt, .bin) holds, through the restricted unpickler: tensors, numbers,
     strings and containers only; anything that would run code is refused with a CheckpointError."""

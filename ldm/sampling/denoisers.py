@@ -156,3 +156,28 @@ class GaussianMixtureDenoiser:
             raise ValueError("the closed-form ODE solution exists for a single Gaussian component only")
         mu, s = float(self.means[0]), float(self.stds[0])
         return mu + (x - mu) * (math.sqrt(s * s + sigma_to ** 2) / math.sqrt(s * s + sigma_from ** 2))
+
+
+class Handoff:
+    """Two denoisers in turn, as A1111's refiner: `first` at high noise, `second` from the step whose timestep
+    (the nearest of the schedule to σ) is at least `switch_at` of the way from T - 1 to 0: with T = 1000 and 0.8,
+    the steps at t <= 199 (A1111's "Refiner switch at", diffusers' denoising_end / denoising_start). Both are
+    guided denoisers of the same latent space; the sampler's state carries over the switch."""
+
+    def __init__(self, first: Denoiser, second: Denoiser, switch_at: float):
+        if not 0.0 < switch_at < 1.0:
+            raise ValueError(f"switch_at must be in (0, 1), got {switch_at}")
+        self.first, self.second = first, second
+        self.switch_at = float(switch_at)
+
+    @property
+    def log_sigmas(self) -> Tensor:
+        return self.first.log_sigmas
+
+    def uses_second(self, sigma: Tensor) -> bool:
+        sigmas = self.log_sigmas.exp()
+        t = int(torch.argmin((sigmas - sigma.max().to(sigmas)).abs()))
+        return (len(sigmas) - 1 - t) / len(sigmas) >= self.switch_at
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return (self.second if self.uses_second(sigma) else self.first)(x, sigma)

@@ -16,11 +16,37 @@ A1111's "negative guidance minimum sigma" is the special case hi = ∞, used the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ldm.config import Interval, check_interval
 from ldm.sampling.denoisers import Denoiser, append_dims
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on, row by row: the cross-attention context (B, M, D) and, for SDXL, the
+    vector y (B, adm) of the pooled text embedding and the size conditions. A plain context tensor stands for
+    itself wherever a Conditioning is taken."""
+    context: Tensor
+    y: Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.context.shape
+
+    def __getitem__(self, rows: slice) -> Conditioning:
+        return Conditioning(self.context[rows], None if self.y is None else self.y[rows])
+
+
+def cat_conditions(conds: list[Tensor | Conditioning]) -> Tensor | Conditioning:
+    """The rows of `conds` one after the other (torch.cat for plain contexts)."""
+    if not isinstance(conds[0], Conditioning):
+        return torch.cat(conds)
+    ys = [c.y for c in conds]
+    return Conditioning(torch.cat([c.context for c in conds]), None if ys[0] is None else torch.cat(ys))
 
 def x0_to_v(x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
     """The v-prediction that corresponds to the x_0 prediction `x0` at the VE point (x, σ):
@@ -51,14 +77,15 @@ class CFGDenoiser:
     """A denoiser that applies classifier-free guidance to another one.
 
     `cond` and `uncond` are the text embeddings (B, L, D) of the prompts and of the negative prompts (the
-    empty prompt's embedding when there is none). For `scale` != 1 the unconditional and conditional passes
+    empty prompt's embedding when there is none), or their `Conditioning`s. For `scale` != 1 the unconditional and conditional passes
     run as one batch [uncond, cond] of size 2B (x itself given once when the inner denoiser `shares_latents`);
     `scale` == 1 is plain conditional sampling and skips the unconditional pass. `guidance_rescale` is φ of Lin
     et al. 2023 (0.7 in the paper, for v-models).
     `interval` (lo, hi) limits guidance to lo < σ <= hi (see the module's docstring; None: every σ).
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float,
+    def __init__(self, denoiser: Denoiser, cond: Tensor | Conditioning, uncond: Tensor | Conditioning | None,
+                 scale: float,
                  guidance_rescale: float = 0.0, interval: Interval | None = None):
         if scale != 1.0 and uncond is None:
             raise ValueError(f"guidance scale {scale} needs an unconditional embedding (uncond)")
@@ -92,7 +119,7 @@ class CFGDenoiser:
         guides = self.guides(sigma)
         if guides is not None and not guides.any():  # outside the guidance interval: the conditional pass alone
             return self.inner(x, sigma, cond=self.cond)
-        conds = torch.cat([self.uncond, self.cond])
+        conds = cat_conditions([self.uncond, self.cond])
         if getattr(self.inner, "shares_latents", False):  # both passes from one copy of x (UNetModel's docstring)
             out = self.inner(x, sigma, cond=conds)
         else:

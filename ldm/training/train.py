@@ -59,13 +59,21 @@ def build_model(spec: ModelSpec) -> StableDiffusion:
 
     if spec.checkpoint:
         sd = load(spec.checkpoint, config=spec.config, prediction=spec.prediction, accelerate=False)
+        _check_trainable(sd.config)
         if spec.reinit_unet:
             sd.model.diffusion_model = UNetModel(sd.config.unet)
         return sd
     if not spec.preset:
         raise ValueError("model: give model.preset (train from scratch) or model.checkpoint (fine-tune)")
-    cfg = resolve_config(spec.preset)
+    cfg = _check_trainable(resolve_config(spec.preset))
     return StableDiffusion(cfg.replace(prediction=spec.prediction) if spec.prediction else cfg)
+
+
+def _check_trainable(cfg):
+    if cfg.sdxl:
+        raise ValueError(f"model: training {cfg.name} (SDXL) is not supported; ldm trains SD 1.x / 2.x-shaped "
+                         "models (sd-v1, sd-v2, tiny, ...)")
+    return cfg
 
 
 def make_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
