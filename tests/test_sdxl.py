@@ -279,3 +279,31 @@ def test_an_sd1_lora_on_sdxl_is_refused_naming_both(xl, refiner):
         L.merge(xl, [(L.LoRA.from_tensors(sd1, source="sd1.safetensors"), 1.0)])
     with pytest.raises(L.LoRAError, match=r"is a LoRA for SDXL; this model \(tiny-sdxl-refiner\) is the SDXL refiner"):
         L.merge(refiner, [(L.LoRA.from_tensors(_kohya_xl(xl), source="xl.safetensors"), 1.0)])
+
+
+# --- server ---------------------------------------------------------------------------------------------------------
+
+def test_the_server_runs_sdxl_with_a1111s_refiner_fields(files):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from test_server import Server, _image
+
+    base, refiner = files
+    sd = ldm.load(base)
+    s = Server(sd, ckpt_dir=str(refiner.parent))
+    try:
+        body = {"prompt": "a cat", "negative_prompt": "blurry", "seed": 9, "steps": 4, "sampler_name": "DDIM",
+                "refiner_checkpoint": refiner.name + " [0123456789]", "refiner_switch_at": 0.5}
+        status, out = s.call("txt2img", body)
+        assert status == 200
+        info = json.loads(out["info"])
+        assert "Refiner: tiny-xl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.5" in info["infotexts"][0]
+        expected = ldm.txt2img(sd, "a cat", negative_prompt="blurry", seed=9, steps=4, sampler="ddim", guidance=7.0,
+                               refiner=str(refiner), refiner_switch=0.5, width=64, height=64).images[0]
+        assert _image(out["images"][0]).tobytes() == expected.tobytes()
+        status, out = s.call("txt2img", {**body, "refiner_checkpoint": "nope"})
+        assert status == 404 and out["detail"].startswith("refiner_checkpoint: no checkpoint 'nope'")
+        status, out = s.call("txt2img", {**body, "refiner_switch_at": 1.5})
+        assert status == 422 and out["detail"].startswith("refiner_switch_at:")
+    finally:
+        s.stop()

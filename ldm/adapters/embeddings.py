@@ -123,8 +123,8 @@ def for_model(embedding: Embedding, cfg) -> Embedding:
 def token_embeddings(sd) -> list[nn.Embedding]:
     """The token embedding of each text encoder, in the order of the columns of the embeddings' vectors."""
     encoders = sd.text_encoder.embedders if sd.config.sdxl else [sd.text_encoder]
-    return [e.transformer.text_model.embeddings.token_embedding if hasattr(e, "transformer") else e.model.token_embedding
-            for e in encoders]
+    return [e.transformer.text_model.embeddings.token_embedding if hasattr(e, "transformer")
+            else e.model.token_embedding for e in encoders]
 
 
 def install(sd) -> None:

@@ -65,6 +65,8 @@ class Txt2ImgBody(BaseModel):
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
     denoising_strength: float | None = None
+    refiner_checkpoint: str | None = None  # a checkpoint of sd-models that takes over at refiner_switch_at
+    refiner_switch_at: float | None = None
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -325,10 +327,12 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
     def page() -> str:
         return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
-    def find_model(wanted: str) -> Path:
+    def find_model(wanted: str, field_name: str = "sd_model_checkpoint") -> Path:
+        # A1111 titles read "name.safetensors [hash]"
+        wanted = wanted.split(" [")[0]
         path = next((p for p in models() if wanted in (p.name, p.stem, str(p))), None)
         if path is None:
-            raise HTTPException(404, f"sd_model_checkpoint: no checkpoint {wanted!r}; see /sdapi/v1/sd-models "
+            raise HTTPException(404, f"{field_name}: no checkpoint {wanted!r}; see /sdapi/v1/sd-models "
                                      "(--ckpt-dir)")
         return path
 
@@ -344,6 +348,14 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
 
     def run(body: Txt2ImgBody, requests: list[Generation]) -> dict[str, Any]:
         """The job, on the checkpoint `override_settings` asks for (and back after it, unless told not to)."""
+        if body.refiner_checkpoint and body.refiner_checkpoint.lower() != "none":  # A1111's UI sends "None"
+            refiner = str(find_model(body.refiner_checkpoint, "refiner_checkpoint"))
+            switch = 0.8 if body.refiner_switch_at is None else body.refiner_switch_at
+            try:
+                requests = [r.replace(refiner=refiner, refiner_switch=switch) for r in requests]
+            except RequestError as e:
+                raise HTTPException(422, f"{'refiner_switch_at' if e.field == 'refiner_switch' else e.field}: "
+                                         f"{e}") from None
         wanted = body.override_settings.get("sd_model_checkpoint")
         action = after = None
         if wanted and wanted not in (loaded["path"].name, loaded["path"].stem):
