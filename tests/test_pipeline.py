@@ -49,7 +49,7 @@ def encode_like_img2img(sd: ldm.StableDiffusion, image: Image.Image, seed: int) 
 
 # --- parity with diffusers ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-v2"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-v2", "tiny-sdxl", pytest.param("sdxl", marks=pytest.mark.slow)])
 def with_diffusers(request):
     cfg = ldm.preset(request.param)
     sd, checkpoint = random_model(cfg)
@@ -58,7 +58,9 @@ def with_diffusers(request):
 
 def test_txt2img_matches_diffusers_ddim(with_diffusers):
     """Full txt2img (guidance 7.5, a negative prompt, 6 DDIM steps, 64x64) against StableDiffusionPipeline, which
-    tokenizes and encodes the prompts itself: eps model (tiny) and v-prediction with OpenCLIP (tiny-v2)."""
+    tokenizes and encodes the prompts itself: eps model (tiny) and v-prediction with OpenCLIP (tiny-v2); SDXL
+    (tiny-sdxl, and the full-size base in the slow suite) against StableDiffusionXLPipeline, both text encoders, the
+    pooled embedding and the size conditioning included. The weights are shared, not copied (24 GB suffice)."""
     sd, pipes = with_diffusers
     r = parity.txt2img_parity(sd, pipes, size=SIZE, steps=6)
     assert r.pixel <= parity.TOLERANCE, r
@@ -262,9 +264,10 @@ def test_unet_nan_stops_with_a_clear_error(tiny, monkeypatch):
         txt2img(tiny, "x", steps=2, width=64, height=64, seed=0)
 
 
-def test_half_precision_vae_nan_decodes_again_in_fp32(monkeypatch):
+@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])  # the SDXL VAE overflows in fp16
+def test_half_precision_vae_nan_decodes_again_in_fp32(monkeypatch, name):
     """A bf16 VAE whose decode overflows: one warning, a decode in fp32, a finite image; the VAE stays bf16."""
-    sd = random_model(ldm.preset("tiny"))[0]
+    sd = random_model(ldm.preset(name))[0]
     fp32_images = decode(sd, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
     sd.to(torch.bfloat16)
     from ldm.models.vae import AutoencoderKL

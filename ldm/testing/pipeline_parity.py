@@ -35,15 +35,17 @@ import torch
 from PIL import Image
 
 import ldm
-from ldm.config import ModelConfig
+from ldm.config import ModelConfig, TextEncoderConfig
 from ldm.generation.pipeline import decode, img2img, txt2img
 from ldm.sampling.samplers import generators_for, randn
 from ldm.sampling.schedules import start_index, timesteps
-from ldm.testing.reference import reference_text, reference_unet, reference_vae, write_clip_tokenizer_files
+from ldm.testing.reference import (reference_sdxl_text, reference_text, reference_unet, reference_vae,
+                                   write_clip_tokenizer_files)
 
 if TYPE_CHECKING:
     import transformers
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import (DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+                           StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 
 TOLERANCE = 1e-3  # max abs pixel difference in [0, 1], fp32 (the issue's figure)
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry, low quality"
@@ -61,13 +63,14 @@ def _tokenizer_dir() -> Path:
     return write_clip_tokenizer_files(directory)
 
 
-def clip_tokenizer(cfg: ModelConfig) -> transformers.CLIPTokenizer:
-    """SD1 pads with <|endoftext|>; SD2 (OpenCLIP) pads with id 0, which is "!" (diffusers' SD2 tokenizer config)."""
+def clip_tokenizer(cfg: ModelConfig, text: TextEncoderConfig | None = None) -> transformers.CLIPTokenizer:
+    """SD1 pads with <|endoftext|>; SD2 (OpenCLIP) pads with id 0, which is "!" (diffusers' SD2 tokenizer config);
+    `text`: which of an SDXL model's encoders (its bigG pads as SD2's does)."""
     import transformers
 
-    pad = {"pad_token": "!"} if cfg.text.pad_token == 0 else {}
-    return transformers.CLIPTokenizer.from_pretrained(str(_tokenizer_dir()), model_max_length=cfg.text.max_length,
-                                                      **pad)
+    text = text or cfg.text
+    pad = {"pad_token": "!"} if text.pad_token == 0 else {}
+    return transformers.CLIPTokenizer.from_pretrained(str(_tokenizer_dir()), model_max_length=text.max_length, **pad)
 
 
 def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
@@ -82,17 +85,34 @@ def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
 
 @dataclass
 class Pipelines:
-    txt2img: StableDiffusionPipeline
-    img2img: StableDiffusionImg2ImgPipeline
+    txt2img: StableDiffusionPipeline | StableDiffusionXLPipeline
+    img2img: StableDiffusionImg2ImgPipeline | StableDiffusionXLImg2ImgPipeline
 
 
 def diffusers_pipelines(cfg: ModelConfig, checkpoint: dict[str, torch.Tensor]) -> Pipelines:
+    if cfg.sdxl:
+        return _sdxl_pipelines(cfg, checkpoint)
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     parts = dict(vae=reference_vae(cfg, checkpoint), text_encoder=reference_text(cfg, checkpoint),
                  tokenizer=clip_tokenizer(cfg), unet=reference_unet(cfg, checkpoint), scheduler=ddim_scheduler(cfg),
                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipes = Pipelines(StableDiffusionPipeline(**parts), StableDiffusionImg2ImgPipeline(**parts))
+    for p in (pipes.txt2img, pipes.img2img):
+        p.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def _sdxl_pipelines(cfg: ModelConfig, checkpoint: dict[str, torch.Tensor]) -> Pipelines:
+    """diffusers' SDXL base pipelines: CLIP-L as `text_encoder` and the bigG as `text_encoder_2`, each with its
+    tokenizer."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    clip_l, bigg = reference_sdxl_text(cfg, checkpoint)
+    parts = dict(vae=reference_vae(cfg, checkpoint), text_encoder=clip_l, text_encoder_2=bigg,
+                 tokenizer=clip_tokenizer(cfg, cfg.text), tokenizer_2=clip_tokenizer(cfg, cfg.text_2),
+                 unet=reference_unet(cfg, checkpoint), scheduler=ddim_scheduler(cfg))
+    pipes = Pipelines(StableDiffusionXLPipeline(**parts), StableDiffusionXLImg2ImgPipeline(**parts))
     for p in (pipes.txt2img, pipes.img2img):
         p.set_progress_bar_config(disable=True)
     return pipes
