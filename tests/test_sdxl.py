@@ -272,6 +272,74 @@ def test_an_sdxl_lora_merges_into_both_text_encoders_and_restores(xl):
     assert all(torch.equal(v, before[k]) for k, v in xl.state_dict().items())
 
 
+def _peft_xl(sd, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A random diffusers/PEFT SDXL LoRA: unet., text_encoder. and text_encoder_2. keys (lora_A / lora_B)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, target in L.targets(sd).items():
+        if key.startswith("unet.") and key.endswith(("attn2.to_k", "attn1.to_out.0", "add_embedding.linear_1")) or \
+                key.startswith(("text_encoder.", "text_encoder_2.")) and key.endswith(("k_proj", "fc1")):
+            out, inp = target.weight.shape[:2]
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, inp, generator=g) * 0.1
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, 4, generator=g) * 0.1
+    return tensors
+
+
+def _kohya_text_as_peft(sd, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The lora_te1_ / lora_te2_ layers of a kohya file as PEFT's text_encoder(_2). keys, alpha / rank folded into
+    lora_B."""
+    names = {kohya + key.removeprefix(peft).replace(".", "_"): key
+             for kohya, peft in L.SDXL_TEXT for key in L.targets(sd) if key.startswith(peft)}
+    out = {}
+    for kohya, key in names.items():
+        if f"{kohya}.lora_down.weight" in tensors:
+            down, up = tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"]
+            out[f"{key}.lora_A.weight"] = down
+            out[f"{key}.lora_B.weight"] = up * (float(tensors[f"{kohya}.alpha"]) / down.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_sdxl_lora_outputs_match_diffusers(kind):
+    """The UNet (with y) and both text encoders (and the pooled embedding) with a random SDXL LoRA merged, against
+    diffusers' own loading of the same file (StableDiffusionXLLoraLoaderMixin, PEFT, on the fly) on the same weights:
+    kohya files name the UNet's layers as sgm does (input_blocks...), which diffusers maps itself."""
+    pytest.importorskip("peft")
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as Loader
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ldm.testing import reference as R
+
+    sd, checkpoint = random_model(ldm.preset("tiny-sdxl"), seed=4)
+    tensors = _kohya_xl(sd, seed=7) if kind == "kohya" else _peft_xl(sd, seed=8)
+    unet = R.reference_unet(sd.config, checkpoint)
+    encoders = R.reference_sdxl_text(sd.config, checkpoint)
+    state, alphas = Loader.lora_state_dict(dict(tensors), unet_config=unet.config)
+    if kind == "kohya":
+        # diffusers 0.42 turns kohya's text encoder keys into its old attention-processor names, which transformers
+        # 5's CLIP text models then load only in part; its PEFT route reads the same layers, renamed
+        renamed, _ = Loader.lora_state_dict(_kohya_text_as_peft(sd, tensors))
+        state = {**{k: v for k, v in state.items() if not k.startswith("text_encoder")}, **renamed}
+        alphas = {k: v for k, v in alphas.items() if not k.startswith("text_encoder")}  # folded into lora_B
+    Loader.load_lora_into_unet(state, alphas, unet=unet, adapter_name="x")
+    for prefix, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+        Loader.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix=prefix, adapter_name="x")
+        assert any(isinstance(m, BaseTunerLayer) for m in encoder.modules())  # diffusers loaded it
+    for model in (unet, *encoders):
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.scale_layer(0.7)
+    before = R.sdxl_text_outputs(sd)
+    L.merge(sd, [(L.LoRA.from_tensors(tensors), 0.7)])
+    ours, theirs = R.sdxl_text_outputs(sd), R.reference_sdxl_text_outputs(sd.config, encoders)
+    for name in ("text CLIP-L", "text OpenCLIP-bigG"):
+        assert (ours[name] - before[name]).abs().max() > 1e-3  # the LoRA changes it well beyond the parity error
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["pooled OpenCLIP-bigG"], theirs["pooled OpenCLIP-bigG"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(R.sdxl_unet_output(sd), R.reference_sdxl_unet_output(sd.config, unet),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_an_sd1_lora_on_sdxl_is_refused_naming_both(xl, refiner):
     sd1 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(32, 4)}
