@@ -26,15 +26,17 @@ def _inputs(sd):
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700])
     context = torch.randn(2, 77, sd.config.unet.context_dim, generator=g)
     image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
-    return x, t, context, image
+    y = torch.randn(2, sd.config.unet.adm_in_channels, generator=g) if sd.config.sdxl else None
+    return x, t, context, image, y
 
 
-def _run(sd, x, t, context, image):
+def _run(sd, x, t, context, image, y):
     """UNet output, VAE posterior mean and decode: every block with an accelerated forward."""
-    return sd.unet(x, t, context), sd.vae.encode(image).mean, sd.vae.decode(x[:1])
+    unet = sd.unet(x, t, context) if y is None else sd.unet(x, t, context, y)
+    return unet, sd.vae.encode(image).mean, sd.vae.decode(x[:1])
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-v2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2", "tiny-sdxl"])
 def test_accelerated_forwards_equal_the_plain_networks_to_the_bit(name, monkeypatch):
     monkeypatch.setattr(optimize, "mark_for_packing", lambda model: 0)  # the forwards alone
     plain, _ = random_model(ldm.preset(name))
@@ -49,7 +51,7 @@ def test_accelerated_forwards_equal_the_plain_networks_to_the_bit(name, monkeypa
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-v2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2", "tiny-sdxl"])
 def test_in_place_inference_equals_the_out_of_place_expressions_on_packed_weights(name, monkeypatch):
     # the packed upsampling (optimize.upsample_conv, inference only) sums in another order: test_optimize checks it
     monkeypatch.setattr(optimize, "_upsamples_fast", lambda conv, x: False)
@@ -119,7 +121,7 @@ def test_layers_wrapped_by_a_lora_keep_the_fast_path():
     plain, _ = random_model(ldm.preset("tiny"), seed=2)
     wrappers = _wrap_attention_projections(plain.requires_grad_(False))
     fast = accel.accelerate(copy.deepcopy(plain))
-    x, t, context, _ = _inputs(plain)
+    x, t, context, _, _ = _inputs(plain)
     expected = plain.unet(x, t, context)
     out = fast.unet(x, t, context)
     packed = [m for m in fast.unet.modules() if isinstance(m, LoRALinear)]
@@ -135,18 +137,18 @@ def test_layers_wrapped_by_a_lora_keep_the_fast_path():
 def test_plain_undoes_accelerate_bit_for_bit():
     sd, state = random_model(ldm.preset("tiny"), seed=3)
     sd.requires_grad_(False)
-    x, t, context, image = _inputs(sd)
-    before = [r.clone() for r in _run(sd, x, t, context, image)]
+    inputs = _inputs(sd)
+    before = [r.clone() for r in _run(sd, *inputs)]
     accel.accelerate(sd)
     assert accel.is_accelerated(sd) and accel.shares_latents(sd.unet)
-    _run(sd, x, t, context, image)
+    _run(sd, *inputs)
     assert optimize.is_packed(sd)
     accel.plain(sd)
     assert not accel.is_accelerated(sd) and not accel.shares_latents(sd.unet)
     assert not any("forward" in m.__dict__ or optimize.PACKED_ATTR in m.__dict__ for m in sd.modules())
     after = sd.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state.items())
-    assert all(torch.equal(a, b) for a, b in zip(_run(sd, x, t, context, image), before))
+    assert all(torch.equal(a, b) for a, b in zip(_run(sd, *inputs), before))
 
 
 def test_ldm_load_accelerates_unless_asked_not_to(tmp_path):

@@ -150,6 +150,22 @@ def test_txt2img_defaults_to_the_native_size(xl):
     assert torch.isfinite(result.latents).all()
 
 
+def test_an_accelerated_sdxl_unet_takes_k_conditionings_per_latent(xl):
+    """Guidance's [uncond, cond] pair for one latent: with y the embedding differs per row from the first block, so
+    the accelerated UNet repeats the latent first; the same as the latent given twice, and as the plain UNet."""
+    fast = ldm.accel.accelerate(copy.deepcopy(xl))
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 77, xl.config.unet.context_dim, generator=g)
+    y = torch.randn(2, xl.config.unet.adm_in_channels, generator=g)
+    with torch.no_grad():
+        shared = fast.unet(x, torch.tensor([500]), context, y)
+        repeated = fast.unet(torch.cat([x, x]), torch.tensor([500, 500]), context, y)
+        plain = xl.unet(torch.cat([x, x]), torch.tensor([500, 500]), context, y)
+    assert torch.equal(shared, repeated)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert ldm.accel.shares_latents(fast.unet)
+
+
 def test_a_refiner_takes_over_at_the_switch_step():
     """With 10 DDIM steps (timesteps 901, 801, ..., 1) and switch 0.8, the base runs t >= 200 and the refiner
     t <= 199, as A1111 and diffusers' denoising_end split them."""
