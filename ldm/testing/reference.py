@@ -10,6 +10,14 @@ names differently from the original checkpoints fails loudly instead of being sk
     unet = reference_unet(cfg, checkpoint)     # diffusers, strict
     errors = compare_all(sd, checkpoint)       # [Error(component, rel, abs, scale), ...]
 
+SDXL (`sdxl`, `sdxl-refiner` and their tiny presets) is compared the way diffusers' SDXL pipelines run it: the UNet
+with `added_cond_kwargs` (pooled embedding and time ids), CLIP-L as a `CLIPTextModel` and OpenCLIP bigG as a
+`CLIPTextModelWithProjection`, each conditioning with `hidden_states[-2]`, the pooled embedding `text_embeds`:
+
+    sd, checkpoint = random_model(ldm.preset("tiny-sdxl"))
+    ours = sdxl_outputs(sd)                                  # {component: tensor}
+    errors = compare_outputs(ours, sdxl_reference_outputs(sd.config, checkpoint))
+
 Error metric: rel = max|ours - ref| / max|ref|, computed in float64.
 
 diffusers and transformers are imported inside the functions that build the references, so that importing this
@@ -28,12 +36,12 @@ from torch import Tensor, nn
 
 import ldm
 from ldm.models.checkpoint import build_and_adopt
-from ldm.config import ModelConfig
-from ldm.models.tokenizer import find_vocab
+from ldm.config import ModelConfig, TextEncoderConfig
+from ldm.models.tokenizer import CLIPTokenizer, find_vocab
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 TOLERANCE = 1e-4  # relative error allowed in fp32 (the issue's figure)
 
@@ -41,25 +49,29 @@ PROMPTS = ["a photo of an astronaut riding a horse on the moon", "", "red circle
 
 # Latent side for the UNet and image side for the VAE: small enough for a 2-core CPU, deep enough that the
 # latent reaches 4x4 at the UNet's lowest level and the VAE's mid-block attention sees more than one position.
-PROBE_SIZES: dict[str, tuple[int, int]] = {"tiny": (8, 64), "tiny-v2": (8, 64), "sd-v1": (32, 128), "sd-v2": (32, 128)}
+PROBE_SIZES: dict[str, tuple[int, int]] = {"tiny": (8, 64), "tiny-v2": (8, 64), "sd-v1": (32, 128), "sd-v2": (32, 128),
+                                            "tiny-sdxl": (8, 64), "tiny-sdxl-refiner": (8, 64),
+                                            # 2.6 B parameters on 2 cores: the lowest level at 4x4 / 2x2 is enough
+                                            "sdxl": (16, 64), "sdxl-refiner": (16, 64)}
 DEFAULT_PROBE_SIZE = (32, 128)
 
 
 # --- the CompVis inference YAML, as a dict ------------------------------------------------------------------------
 
 def original_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The `v1-inference.yaml` / `v2-inference(-v).yaml` that describes `cfg`, as the dict diffusers' config
-    creators read. CompVis hard-codes 32 GroupNorm groups, so `norm_groups` has no field here; see
-    `reference_unet_config` and `reference_vae_config`."""
+    """The `v1-inference.yaml` / `v2-inference(-v).yaml` (sgm's `sd_xl_base.yaml` / `sd_xl_refiner.yaml` for SDXL)
+    that describes `cfg`, as the dict diffusers' config creators read. CompVis hard-codes 32 GroupNorm groups, so
+    `norm_groups` has no field here; see `reference_unet_config` and `reference_vae_config`."""
     u, v, t, s = cfg.unet, cfg.vae, cfg.text, cfg.schedule
     unet: dict[str, Any] = {
         "in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
         "attention_resolutions": list(u.attention_resolutions), "num_res_blocks": u.num_res_blocks,
         "channel_mult": list(u.channel_mult), "use_spatial_transformer": True,
-        "use_linear_in_transformer": u.use_linear_in_transformer, "transformer_depth": u.transformer_depth,
-        "context_dim": u.context_dim, "legacy": False,
+        "use_linear_in_transformer": u.use_linear_in_transformer, "context_dim": u.context_dim, "legacy": False,
+        # sd_xl_base.yaml: [1, 2, 10], one per level; sd_xl_refiner.yaml and the CompVis YAMLs: one for all
+        "transformer_depth": u.transformer_depth if isinstance(u.transformer_depth, int) else list(u.transformer_depth),
     }
-    # The YAMLs carry exactly one of the two (SD1: num_heads: 8, SD2: num_head_channels: 64).
+    # The YAMLs carry exactly one of the two (SD1: num_heads: 8, SD2 and SDXL: num_head_channels: 64).
     if u.num_head_channels is not None:
         unet["num_head_channels"] = u.num_head_channels
     else:
@@ -67,6 +79,8 @@ def original_config(cfg: ModelConfig) -> dict[str, Any]:
     ddconfig = {"double_z": True, "z_channels": v.z_channels, "resolution": 256, "in_channels": v.in_channels,
                 "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult), "num_res_blocks": v.num_res_blocks,
                 "attn_resolutions": [], "dropout": 0.0}
+    if cfg.sdxl:
+        return sgm_config(cfg, unet, ddconfig)
     if t.kind == "open-clip":
         cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                 "params": {"freeze": True, "layer": t.layer}}
@@ -83,6 +97,42 @@ def original_config(cfg: ModelConfig) -> dict[str, Any]:
     }}}
 
 
+# sgm's names for the vector conditions (`input_key` of each ConcatTimestepEmbedderND) and the width of the Fourier
+# embedding of each number (`outdim`), which diffusers calls addition_time_embed_dim.
+SGM_VECTOR_KEYS = {"original_size": "original_size_as_tuple", "crop_coords_top_left": "crop_coords_top_left",
+                   "target_size": "target_size_as_tuple", "aesthetic_score": "aesthetic_score"}
+SDXL_TIME_EMBED_DIM = 256
+
+
+def sgm_config(cfg: ModelConfig, unet: dict[str, Any], ddconfig: dict[str, Any]) -> dict[str, Any]:
+    """sgm's `sd_xl_base.yaml` / `sd_xl_refiner.yaml` for an SDXL `cfg`: a DiffusionEngine whose UNet is the
+    `network_config` (`num_classes: sequential` and `adm_in_channels`: the vector y through `label_emb`), and whose
+    `conditioner_config` lists the text encoders then one timestep embedder per vector condition."""
+    text_embedders: list[dict[str, Any]] = []
+    for t in cfg.text_encoders:
+        if t.kind == "open-clip":  # ViT-bigG: penultimate hidden state, and the pooled output for y
+            text_embedders.append({"target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2", "params": {
+                "arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True, "layer": t.layer,
+                "always_return_pooled": True, "legacy": False}})
+        else:  # ViT-L: hidden_states[layer_idx], the penultimate block's output, without the final LayerNorm
+            text_embedders.append({"target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                   "params": {"layer": "hidden", "layer_idx": t.layers - 1}})
+    embedders = [{"is_trainable": False, "input_key": "txt", **e} for e in text_embedders]
+    embedders += [{"is_trainable": False, "input_key": SGM_VECTOR_KEYS[name],
+                   "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+                   "params": {"outdim": SDXL_TIME_EMBED_DIM}} for name in cfg.vector]
+    network = {**unet, "num_classes": "sequential", "adm_in_channels": cfg.unet.adm_in_channels,
+               "spatial_transformer_attn_type": "softmax-xformers"}
+    del network["use_spatial_transformer"]  # sgm's UNetModel has no such argument: it always uses transformers
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": cfg.vae.scale_factor, "disable_first_stage_autocast": True,
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": network},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": embedders}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+            "embed_dim": cfg.vae.embed_dim, "ddconfig": {"attn_type": "vanilla-xformers", **ddconfig}}},
+    }}}
+
+
 # --- seeded weights -----------------------------------------------------------------------------------------------
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
@@ -91,12 +141,12 @@ NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 def _draw(module: nn.Module, name: str, shape: torch.Size, g: torch.Generator) -> Tensor:
     """One tensor of seeded weights, unlike every other one and unlike any framework's init: norm scales near 1,
     biases and embeddings small but non-zero, matrices with std 1/sqrt(fan_in) so activations keep their size."""
-    noise = torch.randn(shape, generator=g)
+    noise = torch.randn(shape, generator=g)  # scaled in place: the full SDXL draws 14 GB, once
     if isinstance(module, NORM_TYPES):
-        return 1.0 + 0.1 * noise if name == "weight" else 0.1 * noise
+        return noise.mul_(0.1).add_(1.0) if name == "weight" else noise.mul_(0.1)
     if len(shape) >= 2 and not isinstance(module, nn.Embedding) and name != "positional_embedding":
-        return noise / shape[1:].numel() ** 0.5
-    return 0.1 * noise  # biases, embeddings, scalars (zero-initialised by default in CLIP and MHA)
+        return noise.div_(shape[1:].numel() ** 0.5)
+    return noise.mul_(0.1)  # biases, embeddings, scalars (zero-initialised by default in CLIP and MHA)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> tuple[ldm.StableDiffusion, dict[str, Tensor]]:
@@ -131,6 +181,12 @@ def reference_unet_config(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> di
     if config["attention_head_dim"] is None:
         config["attention_head_dim"] = _heads_per_block(cfg)
     config["sample_size"] = cfg.image_size // cfg.vae.downsample_factor
+    if cfg.sdxl:
+        # The creator takes `num_classes: sequential` for SDXL's added conditioning (pooled text and time ids,
+        # add_embedding = label_emb) only at SDXL's context widths, 2048 and 1280; at the tiny presets' widths it
+        # would build a class embedding instead. The full sizes get these values from the creator itself.
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                      class_embed_type=None, projection_class_embeddings_input_dim=cfg.unet.adm_in_channels)
     return config
 
 
@@ -187,10 +243,13 @@ def reference_text_config(cfg: ModelConfig) -> CLIPTextConfig:
     """transformers' config for the text tower, written out here rather than taken from ldm. For SD2 it is what
     diffusers ships as stable-diffusion-2's text_encoder: GELU, and one layer fewer, because the penultimate
     block's output (then the final LayerNorm) is the conditioning."""
+    t = cfg.text
+    return clip_text_config(t, layers=t.layers - (1 if t.layer == "penultimate" else 0))
+
+
+def clip_text_config(t: TextEncoderConfig, layers: int) -> CLIPTextConfig:
     from transformers import CLIPTextConfig
 
-    t = cfg.text
-    layers = t.layers - (1 if t.layer == "penultimate" else 0)
     return CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.width * t.mlp_ratio,
                           num_hidden_layers=layers, num_attention_heads=t.heads, max_position_embeddings=t.max_length,
                           hidden_act=t.activation, layer_norm_eps=1e-5, projection_dim=t.projection_dim,
@@ -217,14 +276,51 @@ def convert_text(cfg: ModelConfig, checkpoint: dict[str, Tensor], text_model: CL
     return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
+def _position_ids(model: nn.Module, max_length: int) -> None:
+    """The one non-persistent buffer, (1, 77) positions, as CLIPTextEmbeddings makes it (lost on the meta device)."""
+    embeddings = getattr(model, "text_model", model).embeddings
+    embeddings.register_buffer("position_ids", torch.arange(max_length)[None], persistent=False)
+
+
 def reference_text(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> CLIPTextModel:
     from transformers import CLIPTextModel
 
     with torch.device("meta"):
         model = CLIPTextModel(reference_text_config(cfg))
-    # the one non-persistent buffer, (1, 77) positions, as CLIPTextEmbeddings makes it
-    getattr(model, "text_model", model).embeddings.register_buffer("position_ids", torch.arange(cfg.text.max_length)[None], persistent=False)
+    _position_ids(model, cfg.text.max_length)
     return _adopt(model, convert_text(cfg, checkpoint, model))
+
+
+# SDXL's text encoders by role: the name of each in the comparisons, and the token that pads its ids (diffusers'
+# SDXL tokenizers: CLIP-L's pads with <|endoftext|>, the bigG's `tokenizer_2` with "!", id 0).
+SDXL_TEXT_NAMES = {"hf-clip": "CLIP-L", "open-clip": "OpenCLIP-bigG"}
+SDXL_PAD_TOKENS = {"hf-clip": 49407, "open-clip": 0}
+CLIP_END_TOKEN = 49407
+
+
+def reference_sdxl_text(cfg: ModelConfig,
+                        checkpoint: dict[str, Tensor]) -> list[CLIPTextModel | CLIPTextModelWithProjection]:
+    """SDXL's text encoders as diffusers' SDXL pipelines hold them, in `cfg.text_encoders` order (base: text_encoder,
+    text_encoder_2; refiner: text_encoder_2 alone): CLIP-L a `CLIPTextModel`, the bigG a
+    `CLIPTextModelWithProjection`, both with all their layers (the pipelines read `hidden_states[-2]`)."""
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    models: list[CLIPTextModel | CLIPTextModelWithProjection] = []
+    for i, t in enumerate(cfg.text_encoders):
+        cls = CLIPTextModelWithProjection if t.kind == "open-clip" else CLIPTextModel
+        with torch.device("meta"):
+            model = cls(clip_text_config(t, layers=t.layers))
+        _position_ids(model, t.max_length)
+        if t.kind == "open-clip":  # logit_scale, CLIP's image-text temperature, has no place in a text model
+            state = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=f"conditioner.embedders.{i}.model.")
+        else:
+            state = sfu.convert_ldm_clip_checkpoint(checkpoint, remove_prefix=f"conditioner.embedders.{i}.transformer.")
+            state.pop(CLIP_POSITION_IDS)
+        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (see convert_text)
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        models.append(_adopt(model, state))
+    return models
 
 
 # --- SD 1.5 in diffusers' format, offline ------------------------------------------------------------------------
@@ -329,16 +425,41 @@ def compare_unet(sd: ldm.StableDiffusion, unet: UNet2DConditionModel) -> Error:
     return error("unet", sd.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample)
 
 
-@torch.no_grad()
-def compare_vae(sd: ldm.StableDiffusion, vae: AutoencoderKL, seed: int = 2) -> list[Error]:
+def vae_inputs(cfg: ModelConfig, seed: int = 2) -> tuple[Tensor, Tensor]:
+    """Images (2, 3, s, s) in [-1, 1] and latents (2, 4, s/8, s/8)."""
     g = torch.Generator().manual_seed(seed)
-    side = probe_sizes(sd.config)[1]
+    side = probe_sizes(cfg)[1]
     images = torch.rand(2, 3, side, side, generator=g) * 2 - 1
-    f = sd.config.vae.downsample_factor
-    latents = torch.randn(2, sd.config.vae.embed_dim, side // f, side // f, generator=g)
-    ours, ref = sd.vae.encode(images), vae.encode(images).latent_dist
-    return [error("vae encode mean", ours.mean, ref.mean), error("vae encode logvar", ours.logvar, ref.logvar),
-            error("vae decode", sd.vae.decode(latents), vae.decode(latents).sample)]
+    f = cfg.vae.downsample_factor
+    latents = torch.randn(2, cfg.vae.embed_dim, side // f, side // f, generator=g)
+    return images, latents
+
+
+@torch.no_grad()
+def vae_outputs(sd: ldm.StableDiffusion) -> dict[str, Tensor]:
+    images, latents = vae_inputs(sd.config)
+    posterior = sd.vae.encode(images)
+    return {"vae encode mean": posterior.mean, "vae encode logvar": posterior.logvar,
+            "vae decode": sd.vae.decode(latents)}
+
+
+@torch.no_grad()
+def reference_vae_outputs(cfg: ModelConfig, vae: AutoencoderKL) -> dict[str, Tensor]:
+    images, latents = vae_inputs(cfg)
+    posterior = vae.encode(images).latent_dist
+    return {"vae encode mean": posterior.mean, "vae encode logvar": posterior.logvar,
+            "vae decode": vae.decode(latents).sample}
+
+
+def compare_outputs(ours: dict[str, Tensor], refs: dict[str, Tensor]) -> list[Error]:
+    """One Error per component of `refs`, in its order; ours must have the same components."""
+    if set(ours) != set(refs):
+        raise ValueError(f"ours has components {sorted(ours)}, the reference {sorted(refs)}")
+    return [error(name, ours[name], ref) for name, ref in refs.items()]
+
+
+def compare_vae(sd: ldm.StableDiffusion, vae: AutoencoderKL) -> list[Error]:
+    return compare_outputs(vae_outputs(sd), reference_vae_outputs(sd.config, vae))
 
 
 @torch.no_grad()
@@ -347,8 +468,107 @@ def compare_text(sd: ldm.StableDiffusion, text: CLIPTextModel) -> Error:
     return error("text", sd.encode_tokens(ids), text(input_ids=ids).last_hidden_state)
 
 
+# --- SDXL --------------------------------------------------------------------------------------------------------
+
+# The vector conditions of the two probe rows: different numbers in each, so that a swapped pair (height and width,
+# or original and target size) shows.
+SDXL_CONDITIONS = [
+    {"original_size": (1024.0, 768.0), "crop_coords_top_left": (0.0, 32.0), "target_size": (1024.0, 1024.0),
+     "aesthetic_score": (6.0,)},
+    {"original_size": (512.0, 896.0), "crop_coords_top_left": (48.0, 0.0), "target_size": (832.0, 1216.0),
+     "aesthetic_score": (2.5,)},
+]
+
+
+def sdxl_unet_inputs(cfg: ModelConfig, seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Latents (2, 4, s, s), two timesteps, a context (2, 77, D) and a pooled embedding (2, P); the vector
+    conditions are SDXL_CONDITIONS."""
+    x, t, context = unet_inputs(cfg, seed)
+    pooled = torch.randn(2, cfg.text_encoders[-1].projection_dim, generator=torch.Generator().manual_seed(seed + 100))
+    return x, t, context, pooled
+
+
+def diffusers_time_ids(cfg: ModelConfig, conditions: dict[str, tuple[float, ...]]) -> list[float]:
+    """`add_time_ids` as diffusers' SDXL pipelines assemble them (`_get_add_time_ids`): original size, crop
+    top-left, then the target size, or the aesthetic score where the model wants one (the refiner)."""
+    last = conditions["aesthetic_score"] if "aesthetic_score" in cfg.vector else conditions["target_size"]
+    return [*conditions["original_size"], *conditions["crop_coords_top_left"], *last]
+
+
+@torch.no_grad()
+def sdxl_unet_output(sd: ldm.StableDiffusion) -> Tensor:
+    """Ours: y from `sd.text_encoder.vector`, one row at a time (each with its own conditions)."""
+    x, t, context, pooled = sdxl_unet_inputs(sd.config)
+    y = torch.cat([sd.text_encoder.vector(pooled[i : i + 1], c) for i, c in enumerate(SDXL_CONDITIONS)])
+    return sd.unet(x, t, context, y)
+
+
+@torch.no_grad()
+def reference_sdxl_unet_output(cfg: ModelConfig, unet: UNet2DConditionModel) -> Tensor:
+    x, t, context, pooled = sdxl_unet_inputs(cfg)
+    time_ids = torch.tensor([diffusers_time_ids(cfg, c) for c in SDXL_CONDITIONS])
+    return unet(x, t, encoder_hidden_states=context,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+
+def compare_sdxl_unet(sd: ldm.StableDiffusion, unet: UNet2DConditionModel) -> Error:
+    return error("unet", sdxl_unet_output(sd), reference_sdxl_unet_output(sd.config, unet))
+
+
+@torch.no_grad()
+def sdxl_text_outputs(sd: ldm.StableDiffusion) -> dict[str, Tensor]:
+    """Ours: the context cut into each encoder's part, and the pooled embedding."""
+    context, pooled = sd.encode_text(sd.tokenize(PROMPTS))
+    parts = context.split([t.width for t in sd.config.text_encoders], dim=-1)
+    out = {f"text {SDXL_TEXT_NAMES[t.kind]}": part for t, part in zip(sd.config.text_encoders, parts)}
+    out[f"pooled {SDXL_TEXT_NAMES[sd.config.text_encoders[-1].kind]}"] = pooled
+    return out
+
+
+def pad_after_end(ids: Tensor, pad: int) -> Tensor:
+    """Token rows with everything after each row's first end token set to `pad`."""
+    first_end = (ids == CLIP_END_TOKEN).int().argmax(dim=1, keepdim=True)  # (B, 1)
+    return ids.masked_fill(torch.arange(ids.shape[1]) > first_end, pad)
+
+
+@torch.no_grad()
+def reference_sdxl_text_outputs(cfg: ModelConfig, encoders: list[nn.Module]) -> dict[str, Tensor]:
+    """As diffusers' `StableDiffusionXLPipeline.encode_prompt`: each encoder's `hidden_states[-2]` on its own ids
+    (padded as its tokenizer pads), and the last encoder's `text_embeds` as the pooled embedding."""
+    ids = CLIPTokenizer(max_length=cfg.text.max_length)(PROMPTS)  # padded with the end token, re-padded below
+    out = {}
+    for t, encoder in zip(cfg.text_encoders, encoders):
+        result = encoder(input_ids=pad_after_end(ids, SDXL_PAD_TOKENS[t.kind]), output_hidden_states=True)
+        out[f"text {SDXL_TEXT_NAMES[t.kind]}"] = result.hidden_states[-2]
+    out[f"pooled {SDXL_TEXT_NAMES[cfg.text_encoders[-1].kind]}"] = result.text_embeds
+    return out
+
+
+def compare_sdxl_text(sd: ldm.StableDiffusion, encoders: list[nn.Module]) -> list[Error]:
+    return compare_outputs(sdxl_text_outputs(sd), reference_sdxl_text_outputs(sd.config, encoders))
+
+
+def sdxl_outputs(sd: ldm.StableDiffusion) -> dict[str, Tensor]:
+    """Ours, every compared SDXL output: the UNet (with y), each text encoder's part of the context, the pooled
+    embedding, the VAE."""
+    return {"unet": sdxl_unet_output(sd), **sdxl_text_outputs(sd), **vae_outputs(sd)}
+
+
+def sdxl_reference_outputs(cfg: ModelConfig, checkpoint: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The references' outputs for `sdxl_outputs`, each network built just before it runs and freed after it, so
+    that at most one of them is alive (they share the checkpoint's storage; the full UNet alone is 10 GB in fp32)."""
+    out = {"unet": reference_sdxl_unet_output(cfg, reference_unet(cfg, checkpoint))}
+    out.update(reference_sdxl_text_outputs(cfg, reference_sdxl_text(cfg, checkpoint)))
+    out.update(reference_vae_outputs(cfg, reference_vae(cfg, checkpoint)))
+    return out
+
+
+# --- all components -------------------------------------------------------------------------------------------------
+
 def compare_all(sd: ldm.StableDiffusion, checkpoint: dict[str, Tensor]) -> list[Error]:
     """All components, each reference built just before its comparison and freed after it."""
     cfg = sd.config
+    if cfg.sdxl:
+        return compare_outputs(sdxl_outputs(sd), sdxl_reference_outputs(cfg, checkpoint))
     return [compare_unet(sd, reference_unet(cfg, checkpoint)), *compare_vae(sd, reference_vae(cfg, checkpoint)),
             compare_text(sd, reference_text(cfg, checkpoint))]
