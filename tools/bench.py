@@ -1,4 +1,4 @@
-"""Benchmarks for ldm (not tests): `python tools/bench.py {load,txt2img,train} ... [--write]`.
+"""Benchmarks for ldm (not tests): `python tools/bench.py {load,txt2img,train,sdxl} ... [--write]`.
 
 load    Time and peak memory of loading a full-size SD 1.5 single-file checkpoint with `ldm.load`, against
         diffusers' `StableDiffusionPipeline.from_single_file`. The checkpoint is random-weight, written once
@@ -24,6 +24,9 @@ train   Images/s and peak memory of training steps of the full SD 1.5 UNet. One 
 
     python tools/bench.py train                                     # CPU, and CUDA when available
     python tools/bench.py train --devices cuda --precisions fp32 bf16 --batch-sizes 1 8 --write
+
+sdxl    SDXL base against diffusers: load time of a 6.9 GB fp16 file, UNet step time and peak RSS at 1024 px, fp32
+        and bf16 where the CPU has it (tools/bench_sdxl.py).
 
 Every measurement runs in a fresh subprocess, so that its peak RSS (VmHWM) belongs to one loader alone.
 With `--write` the results replace the matching section of docs/benchmarks.md.
@@ -780,6 +783,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     p.set_defaults(func=cmd_train)
+    from bench_sdxl import add_parser as add_sdxl  # tools/bench_sdxl.py; imported here, as it imports this file
+
+    add_sdxl(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
