@@ -205,6 +205,24 @@ def test_the_refiner_changes_only_the_steps_after_the_switch(xl, refiner):
     assert all(not torch.equal(a, b) for a, b in zip(base[2:], refined[2:]))
 
 
+def test_a_refiner_file_is_loaded_once_and_refused_when_memory_is_short(xl, files, monkeypatch):
+    pipeline.forget_refiner()
+    loads = []
+    load = ldm.models.checkpoint.load
+    monkeypatch.setattr(ldm.models.checkpoint, "load", lambda *a, **k: loads.append(a) or load(*a, **k))
+    request = Generation("a cat", refiner=str(files[1]), **FAST)
+    first = ldm.generate(xl, request)
+    assert torch.equal(ldm.generate(xl, request).latents, first.latents) and len(loads) == 1
+    pipeline.forget_refiner()
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 1000)
+    need = ldm.models.checkpoint.loaded_bytes(files[1], torch.float32)
+    assert abs(need - sum(p.numel() * 4 for p in ldm.load(files[1]).state_dict().values())) < 10_000
+    with pytest.raises(RequestError, match=r"refiner tiny-xl-refiner.safetensors: its weights take \d+ MiB in "
+                                           r"float32 beside the model, and 0 MiB are free") as e:
+        ldm.generate(xl, request)
+    assert e.value.field == "refiner"
+
+
 def test_a_refiner_of_other_latents_is_refused(xl):
     other, _ = random_model(ldm.preset("tiny").replace(vae=dataclasses.replace(ldm.preset("tiny").vae, ch_mult=(1, 2))))
     with pytest.raises(RequestError, match="works on other latents") as e:

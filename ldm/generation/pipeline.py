@@ -640,6 +640,12 @@ _refiners: dict[tuple, Any] = {}
 _refiners_lock = threading.Lock()
 
 
+def forget_refiner() -> None:
+    """Frees the refiner kept from the last request that named one by its file."""
+    with _refiners_lock:
+        _refiners.clear()
+
+
 def refiner_model(sd, request: Generation):
     """The request's refiner, as a model of `sd`'s dtype and device: the one given, or the file loaded (and kept for
     the next request, one at a time); None without a refiner. RequestError when it cannot serve `sd`."""
@@ -647,7 +653,7 @@ def refiner_model(sd, request: Generation):
     if refiner is None:
         return None
     if isinstance(refiner, (str, os.PathLike)):
-        from ldm.models.checkpoint import CheckpointError, load
+        from ldm.models.checkpoint import CheckpointError, load, loaded_bytes
 
         path = Path(refiner)
         stat = path.stat()
@@ -655,6 +661,11 @@ def refiner_model(sd, request: Generation):
         with _refiners_lock:
             if key not in _refiners:
                 _refiners.clear()  # one refiner in memory at a time
+                need, free = loaded_bytes(path, sd.dtype), available_memory(sd.device)
+                if need > free:
+                    raise RequestError("refiner", f"refiner {path.name}: its weights take {_gib(need)} in "
+                                                  f"{str(sd.dtype).removeprefix('torch.')} beside the model, and "
+                                                  f"{_gib(free)} are free; free memory, or run without a refiner")
                 try:
                     model = load(path, device=sd.device, dtype=sd.dtype, accelerate=accel.is_accelerated(sd.unet))
                 except (CheckpointError, ValueError) as e:

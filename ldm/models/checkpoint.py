@@ -122,20 +122,43 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     return tensors, metadata
 
 
+SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets), without its metadata."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The dtype of most of a file's floating tensors (read from a safetensors header; fp32 for a pickle)."""
     path = Path(path)
     if sniff_format(path) != "safetensors":
         return torch.float32
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
     counts: dict[torch.dtype, int] = {}
-    for key, entry in header.items():
-        if key != "__metadata__" and entry["dtype"] in names:
-            counts[names[entry["dtype"]]] = counts.get(names[entry["dtype"]], 0) + 1
+    for entry in _header(path).values():
+        if entry["dtype"] in SAFETENSORS_FLOATS:
+            dtype = SAFETENSORS_FLOATS[entry["dtype"]]
+            counts[dtype] = counts.get(dtype, 0) + 1
     return max(counts, key=counts.get, default=torch.float32)
+
+
+def loaded_bytes(path: str | Path, dtype: torch.dtype) -> int:
+    """About the memory a file's tensors take once loaded in `dtype` (a pickle: its size)."""
+    path = Path(path)
+    if sniff_format(path) != "safetensors":
+        return path.stat().st_size
+    total = 0
+    for entry in _header(path).values():
+        stored = entry["data_offsets"][1] - entry["data_offsets"][0]
+        if entry["dtype"] in SAFETENSORS_FLOATS:
+            stored = stored // SAFETENSORS_FLOATS[entry["dtype"]].itemsize * dtype.itemsize
+        total += stored
+    return total
 
 
 def read_pickle(path: Path, fmt: str | None = None) -> Any:
