@@ -80,8 +80,9 @@ PIPELINE_DOC = """\
 A whole txt2img and img2img (strength 0.5 and 1.0) with ldm and with diffusers' StableDiffusionPipeline /
 StableDiffusionImg2ImgPipeline on the same seeded weights, DDIM schedule and noise (ldm.testing.pipeline_parity,
 which tests/test_pipeline.py asserts on), fp32 on the CPU; then the first timestep and step count of img2img
-on both sides for a few (steps, strength). `--full` adds the sd-v1 architecture at 256x256 (10 steps): about
-10 minutes on 2 busy CPU cores."""
+on both sides for a few (steps, strength). SDXL-shaped models run against StableDiffusionXLPipeline /
+StableDiffusionXLImg2ImgPipeline. `--full` adds the sd-v1 architecture at 256x256 (10 steps) and the SDXL base at
+128x128 (6 steps): about 15 minutes on 2 busy CPU cores, 16 GB of memory."""
 
 
 def pipeline_report(presets: list[tuple[str, int, int]], seed: int = 0) -> tuple[str, bool]:
@@ -115,7 +116,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from ldm.testing.pipeline_parity import GUIDANCE, TOLERANCE, first_timesteps
 
     torch.manual_seed(0)
-    presets = [("tiny", 64, 6), ("tiny-v2", 64, 6)] + ([("sd-v1", 256, 10)] if args.full else [])
+    presets = [("tiny", 64, 6), ("tiny-v2", 64, 6), ("tiny-sdxl", 64, 6)]
+    presets += [("sd-v1", 256, 10), ("sdxl", 128, 6)] if args.full else []
     table, ok = pipeline_report(presets, args.seed)
     print(f"Pipeline parity against diffusers (DDIM, guidance {GUIDANCE}, negative prompt), fp32 on CPU "
           f"({_environment()}). Tolerance: max abs pixel difference <= {TOLERANCE:.0e}.\n")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("pipeline", help="whole txt2img / img2img against diffusers' pipelines",
                        description=PIPELINE_DOC, formatter_class=raw)
-    p.add_argument("--full", action="store_true", help="also sd-v1 at 256x256, 10 steps (slow on a CPU)")
+    p.add_argument("--full", action="store_true", help="also sd-v1 at 256x256 and sdxl at 128x128 (slow on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_pipeline)
 
