@@ -435,6 +435,9 @@ def from_compvis(data: dict[str, Any], name: str = "compvis", source: str = "con
 
 def _from_compvis(data: dict[str, Any], name: str, source: str) -> ModelConfig:
     p = _section(data, "model", "params", source=source)
+    if "network_config" in p and "unet_config" not in p:
+        raise _ConfigError(f"{source} is an sgm (SDXL) config, which ldm does not read: SDXL files are detected from "
+                           "their weights, or pass the preset sdxl or sdxl-refiner")
     u = _section(p, "unet_config", "params", source=source, within="model.params")
     fs = _section(p, "first_stage_config", "params", source=source, within="model.params")
     dd = _section(fs, "ddconfig", source=source, within="model.params.first_stage_config.params")

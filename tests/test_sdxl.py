@@ -409,3 +409,12 @@ def test_the_server_runs_sdxl_with_a1111s_refiner_fields(files):
         assert status == 422 and out["detail"].startswith("refiner_switch_at:")
     finally:
         s.stop()
+
+
+def test_an_sgm_yaml_is_refused_naming_the_presets(tmp_path, files, capsys):
+    yaml = tmp_path / "sd_xl_base.yaml"
+    yaml.write_text("model:\n  target: sgm.models.diffusion.DiffusionEngine\n  params:\n    network_config:\n"
+                    "      target: sgm.modules.diffusionmodules.openaimodel.UNetModel\n")
+    assert main(["info", str(files[0]), "--config", str(yaml)]) == 2
+    assert "is an sgm (SDXL) config, which ldm does not read" in capsys.readouterr().err
+    assert main(["info", str(files[0]), "--config", "tiny-sdxl"]) == 0
