@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 import ldm
 from ldm.models import attention
 from ldm.config import preset
-from ldm.testing.reference import (TOLERANCE, compare_text, compare_unet, compare_vae, error, original_config,
-                                   random_model, reference_text, reference_unet, reference_unet_config, reference_vae,
-                                   reference_vae_config, unet_inputs)
+from ldm.testing.reference import (TOLERANCE, assert_close, compare_text, compare_unet, compare_vae, error,
+                                   original_config, random_model, reference_text, reference_unet, reference_unet_config,
+                                   reference_vae, reference_vae_config, unet_inputs)
 
 REFERENCE_CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs"
 
@@ -36,12 +36,6 @@ def model(request):
 @pytest.fixture(scope="module")
 def tiny():
     return random_model(preset("tiny"))
-
-
-def assert_close(*errors):
-    bad = [e for e in errors if not e.ok]
-    assert not bad, "\n".join(f"{e.component}: rel {e.rel:.2e} > {TOLERANCE:.0e} (abs {e.abs:.2e}, max|ref| "
-                              f"{e.scale:.2e})" for e in bad)
 
 
 # --- parity ---------------------------------------------------------------------------------------------------------

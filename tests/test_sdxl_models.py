@@ -19,8 +19,8 @@ import ldm
 from ldm.config import preset
 from ldm.models.checkpoint import CheckpointError, detect_config
 from ldm.testing import reference
-from ldm.testing.reference import (TOLERANCE, compare_outputs, compare_sdxl_text, compare_sdxl_unet, compare_vae,
-                                   random_model, reference_sdxl_text, reference_unet, reference_unet_config,
+from ldm.testing.reference import (TOLERANCE, assert_close, compare_outputs, compare_sdxl_text, compare_sdxl_unet,
+                                   compare_vae, random_model, reference_sdxl_text, reference_unet, reference_unet_config,
                                    reference_vae, reference_vae_config, sdxl_outputs, sdxl_reference_outputs,
                                    sdxl_unet_output, vae_inputs)
 
@@ -51,12 +51,6 @@ def model(request):
 @pytest.fixture(scope="module")
 def tiny_xl():
     return random_model(preset("tiny-sdxl"))
-
-
-def assert_close(*errors):
-    bad = [e for e in errors if not e.ok]
-    assert not bad, "\n".join(f"{e.component}: rel {e.rel:.2e} > {TOLERANCE:.0e} (abs {e.abs:.2e}, max|ref| "
-                              f"{e.scale:.2e})" for e in bad)
 
 
 # --- parity ---------------------------------------------------------------------------------------------------------

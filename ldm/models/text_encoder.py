@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.config import VECTOR_CONDITIONS, VECTOR_EMBED_DIM, ModelConfig, TextEncoderConfig
+from ldm.models.unet import timestep_embedding
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 
@@ -187,8 +188,6 @@ class Conditioner(nn.Module):
         """SDXL's y (B, adm_in_channels): the pooled embedding (B, P), then each of `cfg.vector`'s conditions, a
         timestep embedding of each of its numbers (`original_size` (h, w), `crop_coords_top_left` (top, left),
         `target_size` (h, w), `aesthetic_score` (s,)), the same for every row."""
-        from ldm.models.unet import timestep_embedding
-
         parts = [pooled]
         for name in self.cfg.vector:
             values = tuple(conditions[name])

@@ -398,6 +398,13 @@ class Error:
         return self.rel <= TOLERANCE
 
 
+def assert_close(*errors: Error) -> None:
+    """AssertionError listing every error over TOLERANCE (what the parity tests assert)."""
+    bad = [e for e in errors if not e.ok]
+    assert not bad, "\n".join(f"{e.component}: rel {e.rel:.2e} > {TOLERANCE:.0e} (abs {e.abs:.2e}, max|ref| "
+                              f"{e.scale:.2e})" for e in bad)
+
+
 def error(component: str, ours: Tensor, ref: Tensor) -> Error:
     if ours.shape != ref.shape:
         raise ValueError(f"{component}: ours has shape {tuple(ours.shape)}, the reference {tuple(ref.shape)}")
