@@ -51,6 +51,8 @@ from pathlib import Path
 
 from bench_report import (ERRORS, GB, PARITY_TOLERANCE, ROOT, TXT2IMG_TIMES, Pair, compare, hardware, load_average,
                           load_table, num, peak_memory, publish, versions)  # tools/bench_report.py
+from bench_process import (cpu_s, median_of, median_time, peak_rss, positive, reset_peak_rss, rss_now,  # tools/
+                           touch)
 
 CACHE = ROOT / ".bench_cache"
 
@@ -107,50 +109,6 @@ def clip_tokenizer_dir(cache: Path = CACHE) -> Path:
 
 # --- one measurement, in a child process ---------------------------------------------------------------------------
 
-def _rss_now() -> int:
-    """Resident set size of this process in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _cpu_s() -> float:
-    """CPU seconds (user + system) of this process: less sensitive than wall time to a busy machine."""
-    return sum(os.times()[:2])
-
-
-def _peak_rss() -> int:
-    """Peak resident set size of this process in bytes: VmHWM (Linux), else ru_maxrss. Not ru_maxrss alone on
-    Linux: exec() carries the parent's peak into it (a child of a parent that built the 4 GB model reports at
-    least that)."""
-    status = Path("/proc/self/status")
-    for line in status.read_text().splitlines() if status.exists() else []:
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-def _reset_peak_rss() -> None:
-    """Lower this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0), so that the next reading is the
-    peak of what follows; a no-op where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _touch(modules) -> None:
-    """Read one byte of every 4 KiB page of every weight, so that lazily mapped weights are paged in as a first
-    forward pass would page them in (a full reduction would mostly time the arithmetic)."""
-    import torch
-
-    for module in modules:
-        for t in module.state_dict().values():
-            if t.numel():
-                t.detach().contiguous().reshape(-1).view(torch.uint8)[::4096].sum()
-
-
 # (file key -> the same weight in ldm's model and in diffusers' pipeline): a check that both loaded the file.
 CHECKED_WEIGHTS = {
     "model.diffusion_model.input_blocks.0.0.weight": (
@@ -171,10 +129,10 @@ def child_load(loader: str, path: str, dtype_name: str, config_dir: str) -> dict
     if loader == "ldm":
         import ldm
 
-        before, c0 = _rss_now(), _cpu_s()
+        before, c0 = rss_now(), cpu_s()
         t0 = time.perf_counter()
         sd = ldm.load(path, dtype=dtype)
-        t1, c1 = time.perf_counter(), _cpu_s()
+        t1, c1 = time.perf_counter(), cpu_s()
         root, modules = sd, [sd]
     elif loader == "diffusers":
         from diffusers import StableDiffusionPipeline
@@ -182,18 +140,18 @@ def child_load(loader: str, path: str, dtype_name: str, config_dir: str) -> dict
 
         dlogging.set_verbosity_error()
         dlogging.disable_progress_bar()
-        before, c0 = _rss_now(), _cpu_s()
+        before, c0 = rss_now(), cpu_s()
         t0 = time.perf_counter()
         pipe = StableDiffusionPipeline.from_single_file(
             path, config=config_dir, local_files_only=True, torch_dtype=dtype,
             tokenizer=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        t1, c1 = time.perf_counter(), _cpu_s()
+        t1, c1 = time.perf_counter(), cpu_s()
         root, modules = pipe, [pipe.unet, pipe.vae, pipe.text_encoder]
     else:
         raise ValueError(f"unknown loader {loader!r}")
-    _touch(modules)
+    touch(modules)
     t2 = time.perf_counter()
-    peak_touch = _peak_rss()
+    peak_touch = peak_rss()
     with safe_open(path, framework="pt") as f:  # after the measurement
         for key, getters in CHECKED_WEIGHTS.items():
             got = getters[loader == "diffusers"](root)
@@ -210,10 +168,6 @@ def measure_once(loader: str, path: Path, dtype: str, config_dir: Path) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{loader} {dtype} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def median_of(results: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in results) for k in results[0]}
 
 
 # --- txt2img: one (variant, size) in a child process ---------------------------------------------------------------
@@ -349,22 +303,6 @@ def _diffusers_case(pipe, size: int, steps: int) -> Case:
                 image=lambda images: torch.from_numpy(images[0]))
 
 
-def _median_time(fn: Callable[[], object], warmup: int, runs: int, sync: Callable[[], None],
-                 first: list[float] | None = None) -> tuple[float, object]:
-    """Median wall seconds of `fn()` over `runs` calls after `warmup` calls, and the last call's result. The
-    first call's time (warm-up included: torch.compile compiles then) is appended to `first` if given."""
-    times, out = [], None
-    for i in range(warmup + runs):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if first is not None:
-        first.append(times[0])
-    return statistics.median(times[warmup:]), out
-
-
 def child_txt2img(spec: dict) -> dict:
     """Load one variant, time its parts and a whole txt2img, save their outputs to spec["out_dir"]."""
     import numpy as np
@@ -388,8 +326,8 @@ def child_txt2img(spec: dict) -> dict:
         model = getattr(importlib.import_module("ldm.accel.optimize"), variant.optimize)(model) or model
     sync()
     t2 = time.perf_counter()
-    peak_load = _peak_rss()
-    _reset_peak_rss()
+    peak_load = peak_rss()
+    reset_peak_rss()
     case = (_ldm_case if variant.impl == "ldm" else _diffusers_case)(model, size, steps)
 
     # the same seeded inputs in every child
@@ -409,23 +347,23 @@ def child_txt2img(spec: dict) -> dict:
     phase_peaks = {}  # the peak RSS of each phase (VmHWM, reset between them), to tell where the peak comes from
 
     def phase_end(name: str) -> None:
-        phase_peaks[name] = _peak_rss()
-        _reset_peak_rss()
+        phase_peaks[name] = peak_rss()
+        reset_peak_rss()
 
     # each txt2img on its own, as a user's calls run, the first one of the process first: ldm packs the weights in
     # it (a loaded model keeps them packed for the next calls), and torch.compile compiles
     with torch.no_grad():
-        timings["txt2img_s"], result = _median_time(lambda: case.txt2img(noise), warmup, runs, sync, first_call)
+        timings["txt2img_s"], result = median_time(lambda: case.txt2img(noise), warmup, runs, sync, first_call)
     phase_end("txt2img")
     with torch.no_grad(), inference():
         outputs["image"] = case.image(result)  # decoded again as the call decoded it
         phase_end("image")
-        timings["text_s"], outputs["text"] = _median_time(case.text, warmup, runs, sync)
+        timings["text_s"], outputs["text"] = median_time(case.text, warmup, runs, sync)
         phase_end("text")
         with case.stepping(x):  # ldm: as its sampling loop runs the UNet (ldm.accel.optimize.keep_freed_memory)
-            timings["unet_s"], outputs["unet"] = _median_time(lambda: case.unet(x, t, context), warmup, runs, sync)
+            timings["unet_s"], outputs["unet"] = median_time(lambda: case.unet(x, t, context), warmup, runs, sync)
         phase_end("unet")
-        timings["vae_s"], outputs["vae"] = _median_time(lambda: case.vae(z), warmup, runs, sync)
+        timings["vae_s"], outputs["vae"] = median_time(lambda: case.vae(z), warmup, runs, sync)
     phase_end("vae")
     for name in OUTPUTS:
         np.save(Path(spec["out_dir"]) / f"{spec['tag']}-{name}.npy", outputs[name].float().cpu().numpy())
@@ -727,13 +665,6 @@ def _across_rounds(runs: list[dict]) -> dict:
     return out
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process, result as JSON on stdout
@@ -759,12 +690,12 @@ def main(argv: list[str] | None = None) -> int:
                          description="Variants: " + ", ".join(f"{k} ({v.impl} {v.dtype}"
                                                               f"{f', ldm.accel.optimize.{v.optimize}' if v.optimize else ''})"
                                                               for k, v in VARIANTS.items()))
-    t2i.add_argument("--sizes", nargs="+", type=_positive, default=[256, 512], help="image sides in pixels")
-    t2i.add_argument("--steps", type=_positive, default=10, help="DDIM steps of the whole txt2img")
-    t2i.add_argument("--runs", type=_positive, help="timed runs of each part (median); default 3, CUDA 10")
+    t2i.add_argument("--sizes", nargs="+", type=positive, default=[256, 512], help="image sides in pixels")
+    t2i.add_argument("--steps", type=positive, default=10, help="DDIM steps of the whole txt2img")
+    t2i.add_argument("--runs", type=positive, help="timed runs of each part (median); default 3, CUDA 10")
     t2i.add_argument("--warmup", type=int, help="untimed runs of each part first; default 1, CUDA 3")
-    t2i.add_argument("--threads", type=_positive, default=2, help="torch threads in every process")
-    t2i.add_argument("--rounds", type=_positive, default=1,
+    t2i.add_argument("--threads", type=positive, default=2, help="torch threads in every process")
+    t2i.add_argument("--rounds", type=positive, default=1,
                      help="fresh processes per variant, the variants in turn (medians across rounds)")
     t2i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t2i.add_argument("--variants", nargs="+", choices=list(VARIANTS),

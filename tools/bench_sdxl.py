@@ -33,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import (CACHE, _cpu_s, _median_time, _peak_rss, _positive, _reset_peak_rss, _rss_now, _touch,  # tools/
-                   median_of)
+from bench import CACHE  # tools/
+from bench_process import cpu_s, median_of, median_time, peak_rss, positive, reset_peak_rss, rss_now, touch
 from bench_report import GB, PARITY_TOLERANCE, ROOT, hardware, load_average, load_table, publish, versions
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -56,7 +56,7 @@ def sdxl_checkpoint(cache: Path = CACHE) -> Path:
     import torch
 
     import ldm
-    from ldm.testing.reference import _draw  # seeded weights whose activations keep their size through 70 blocks
+    from ldm.testing.reference import seeded_weight  # seeded weights whose activations keep their size through 70 blocks
 
     print(f"writing {path} (once, about 6.9 GB) ...", file=sys.stderr)
     with torch.device("meta"):
@@ -82,7 +82,7 @@ def sdxl_checkpoint(cache: Path = CACHE) -> Path:
         for key, t in shapes.items():
             module_name, _, name = key.rpartition(".")
             if t.is_floating_point():
-                value = _draw(modules[module_name], name, t.shape, g).half()
+                value = seeded_weight(modules[module_name], name, t.shape, g).half()
             else:  # transformers' CLIP position ids: 0..76
                 value = torch.arange(t.shape[-1]).expand(t.shape).contiguous()
             f.write(value.numpy().tobytes())
@@ -222,14 +222,14 @@ def child_load(spec: dict) -> dict:
 
     dtype = getattr(torch, DTYPES[spec["dtype"]])
     load = _loader(spec["impl"], spec, dtype)
-    before, c0 = _rss_now(), _cpu_s()
+    before, c0 = rss_now(), cpu_s()
     t0 = time.perf_counter()
     model = load()
-    t1, c1 = time.perf_counter(), _cpu_s()
+    t1, c1 = time.perf_counter(), cpu_s()
     modules = _networks(spec["impl"], model)
-    _touch(modules)
+    touch(modules)
     t2 = time.perf_counter()
-    peak_touch = _peak_rss()
+    peak_touch = peak_rss()
     _check_weights(spec["impl"], model, spec["path"], dtype)  # after the measurement
     weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
     return {"load_s": t1 - t0, "cpu_s": c1 - c0, "load_touch_s": t2 - t0, "rss_before": before,
@@ -248,8 +248,8 @@ def child_unet(spec: dict) -> dict:
     t0 = time.perf_counter()
     model = load()
     load_s = time.perf_counter() - t0
-    peak_load = _peak_rss()
-    _reset_peak_rss()
+    peak_load = peak_rss()
+    reset_peak_rss()
 
     g = torch.Generator().manual_seed(SEED)  # the same inputs in every child
     h = size // LATENT_FACTOR
@@ -277,8 +277,8 @@ def child_unet(spec: dict) -> dict:
 
     first: list[float] = []
     with torch.no_grad(), stepping:
-        unet_s, out = _median_time(call, spec["warmup"], spec["runs"], lambda: None, first)
-    peak_step = _peak_rss()
+        unet_s, out = median_time(call, spec["warmup"], spec["runs"], lambda: None, first)
+    peak_step = peak_rss()
     np.save(Path(spec["out_dir"]) / f"{impl}-{spec['dtype']}.npy", out.float().numpy())
     return {"load_s": load_s, "unet_s": unet_s, "first_unet_s": first[0], "peak_load": peak_load,
             "peak_step": peak_step, "peak_rss": max(peak_load, peak_step), "threads": torch.get_num_threads()}
@@ -437,15 +437,15 @@ def add_parser(sub) -> None:
     """The `sdxl` subcommand of tools/bench.py."""
     p = sub.add_parser("sdxl", help="SDXL base: load time, UNet step time and peak RSS, ldm vs diffusers",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=_positive, default=1024, help="image side in pixels of the timed UNet call")
-    p.add_argument("--steps-timed", type=_positive, default=3, help="timed UNet calls per process (median)")
+    p.add_argument("--size", type=positive, default=1024, help="image side in pixels of the timed UNet call")
+    p.add_argument("--steps-timed", type=positive, default=3, help="timed UNet calls per process (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed UNet calls first (ldm packs its weights in them)")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="of the UNet step; bf16 only where the CPU has it natively")
-    p.add_argument("--load-runs", type=_positive, default=3, help="fresh processes per load measurement (median)")
+    p.add_argument("--load-runs", type=positive, default=3, help="fresh processes per load measurement (median)")
     p.add_argument("--parts", nargs="+", choices=["load", "unet"], default=["load", "unet"])
     p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
-    p.add_argument("--threads", type=_positive, default=2, help="torch threads in every process")
+    p.add_argument("--threads", type=positive, default=2, help="torch threads in every process")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md (section SDXL)")
     p.set_defaults(func=cmd_sdxl)
 

@@ -138,7 +138,7 @@ def sgm_config(cfg: ModelConfig, unet: dict[str, Any], ddconfig: dict[str, Any])
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
 
-def _draw(module: nn.Module, name: str, shape: torch.Size, g: torch.Generator) -> Tensor:
+def seeded_weight(module: nn.Module, name: str, shape: torch.Size, g: torch.Generator) -> Tensor:
     """One tensor of seeded weights, unlike every other one and unlike any framework's init: norm scales near 1,
     biases and embeddings small but non-zero, matrices with std 1/sqrt(fan_in) so activations keep their size."""
     noise = torch.randn(shape, generator=g)  # scaled in place: the full SDXL draws 14 GB, once
@@ -159,7 +159,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> tuple[ldm.StableDiffusion, 
     tensors = {}
     for module_name, module in skeleton.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            tensors[f"{module_name}.{name}" if module_name else name] = _draw(module, name, p.shape, g)
+            tensors[f"{module_name}.{name}" if module_name else name] = seeded_weight(module, name, p.shape, g)
     sd = build_and_adopt(cfg, tensors, source=f"random {cfg.name} weights").eval()
     return sd, sd.state_dict()
 
