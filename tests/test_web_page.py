@@ -35,6 +35,7 @@ def test_generate_from_the_page():
             page.wait_for_selector("#result img", timeout=120_000)
             assert page.locator("#status").inner_text() == "done"
             assert "Seed: 12" in page.locator("#info").inner_text()
+            assert "Size: 64x64" in page.locator("#info").inner_text()  # blank size fields: the model's own
             assert page.locator("#gallery img").count() == 1
             browser.close()
     finally:
