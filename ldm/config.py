@@ -175,6 +175,14 @@ class ModelConfig:
 VECTOR_CONDITIONS = {"original_size": 2, "crop_coords_top_left": 2, "target_size": 2, "aesthetic_score": 1}
 VECTOR_EMBED_DIM = 256
 
+SliceSize = int | Literal["auto"] | None  # attention query rows per slice; "auto"; None: no slicing
+
+
+def is_slice_size(value: Any) -> bool:
+    """Whether `value` is an attention slice size: a positive int (query rows), "auto" or None."""
+    return value is None or value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 Interval = tuple[float, float | None]  # (lo, hi) in σ; hi None: no upper bound
 
 

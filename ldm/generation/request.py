@@ -22,9 +22,9 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from ldm.config import Interval, check_interval
+from ldm.config import Interval, SliceSize, check_interval, is_slice_size
 from ldm.sampling.names import DISCRETE_SAMPLERS, ETA_SAMPLERS, infotext_name, resolve_sampler
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ MAX_SEED = 2 ** 32 - 1
 DEFAULT_TILE_SIZE = 512  # VAE tile side in image pixels (`ldm.models.tiling`)
 SCHEDULES = ("discrete", "karras", "exponential")
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
-SliceSize = int | Literal["auto"] | None  # attention query rows per slice; "auto"; None: no slicing
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's "Masked content" values
 INPAINT_AREAS = {"whole": "Whole picture", "masked": "Only masked"}  # A1111's "Inpaint area" values
 # hires fix upscalers, by A1111's names (what its infotext records): latent modes (torch interpolate mode,
@@ -444,9 +443,7 @@ def check_size_multiple(name: str, value: int, multiple: int) -> None:
 
 def check_slice_size(slice_size: SliceSize) -> SliceSize:
     """A positive int, "auto" or None; anything else raises RequestError."""
-    if slice_size is None or slice_size == "auto":
-        return slice_size
-    if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+    if not is_slice_size(slice_size):
         raise RequestError("attention_slicing", f"attention_slicing must be a positive integer (query rows), 'auto' or None, got "
                                                 f"{slice_size!r}")
     return slice_size

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.config import SliceSize, is_slice_size
+
 Backend = Literal["sdpa", "xformers", "math"]
 BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math")
-SliceSize = int | Literal["auto"] | None  # query rows per slice; "auto"; None: no slicing
 AUTO_SLICE_ELEMENTS = 2 ** 26  # "auto": at most this many scores per slice (256 MiB in fp32)
 
 
@@ -59,9 +60,7 @@ def check_backend(backend: str) -> Backend:
 
 def check_slice_size(slice_size: SliceSize) -> SliceSize:
     """A positive int, "auto" or None; anything else raises ValueError."""
-    if slice_size is None or slice_size == "auto":
-        return slice_size
-    if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+    if not is_slice_size(slice_size):
         raise ValueError(f"attention slice size must be a positive integer, 'auto' or None, got {slice_size!r}")
     return slice_size
 
