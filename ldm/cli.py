@@ -483,9 +483,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ldm.models.checkpoint import load
-
-    from ldm.models.checkpoint import stored_dtype
+    from ldm.models.checkpoint import load, stored_dtype
 
     # in the file's own dtype: its tensors stay mapped from the file, nothing is copied or converted
     sd = load(args.ckpt, config=args.config, prediction=args.prediction, dtype=stored_dtype(args.ckpt),

@@ -178,10 +178,7 @@ def make_denoiser(sd, cond: Tensor | Conditioning, uncond: Tensor | Conditioning
     def model_fn(x: Tensor, t: Tensor, cond: Tensor | Conditioning) -> Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
-        if isinstance(cond, Conditioning) and cond.y is not None:
-            out = unet(x, t, cond.context, cond.y)
-        else:
-            out = unet(x, t, cond.context if isinstance(cond, Conditioning) else cond)
+        out = unet(x, t, cond.context, cond.y) if isinstance(cond, Conditioning) else unet(x, t, cond)
         if not torch.isfinite(out).all():
             raise NaNError("the UNet produced NaN/Inf values (fp16 overflow?). Try --precision fp32, or keep "
                            "attention in fp32 (--upcast-attention, or Generation(upcast_attention=True))")

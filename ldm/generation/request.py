@@ -371,8 +371,10 @@ class Generation:
     @property
     def refiner_path(self) -> str | None:
         """The refiner's file as given (a loaded model: its source name)."""
-        if self.refiner is None or isinstance(self.refiner, (str, Path)):
-            return None if self.refiner is None else str(self.refiner)
+        if self.refiner is None:
+            return None
+        if isinstance(self.refiner, (str, Path)):
+            return str(self.refiner)
         return getattr(self.refiner, "source_name", None)
 
     @classmethod

@@ -176,7 +176,7 @@ class Conditioner(nn.Module):
 
     def forward(self, tokens: Tensor, clip_skip: int = 1) -> tuple[Tensor, Tensor]:
         """Tokens (B, T) -> the context (B, T, sum of widths) and the pooled embedding (B, projection_dim)."""
-        hidden, pooled = [], None
+        hidden = []
         *first, last = zip(self.embedders, self.cfg.text_encoders)
         for encoder, cfg in first:
             hidden.append(encoder(repad(tokens, cfg.pad_token), clip_skip))

@@ -48,6 +48,7 @@ def cat_conditions(conds: list[Tensor | Conditioning]) -> Tensor | Conditioning:
     ys = [c.y for c in conds]
     return Conditioning(torch.cat([c.context for c in conds]), None if ys[0] is None else torch.cat(ys))
 
+
 def x0_to_v(x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
     """The v-prediction that corresponds to the x_0 prediction `x0` at the VE point (x, σ):
     v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x_0 (Salimans & Ho 2022, §4) with ε = (x - x_0) / σ and sqrt(ᾱ) = 1 / sqrt(σ² + 1)."""
@@ -77,16 +78,15 @@ class CFGDenoiser:
     """A denoiser that applies classifier-free guidance to another one.
 
     `cond` and `uncond` are the text embeddings (B, L, D) of the prompts and of the negative prompts (the
-    empty prompt's embedding when there is none), or their `Conditioning`s. For `scale` != 1 the unconditional and conditional passes
-    run as one batch [uncond, cond] of size 2B (x itself given once when the inner denoiser `shares_latents`);
-    `scale` == 1 is plain conditional sampling and skips the unconditional pass. `guidance_rescale` is φ of Lin
-    et al. 2023 (0.7 in the paper, for v-models).
+    empty prompt's embedding when there is none), or their `Conditioning`s. For `scale` != 1 the unconditional and
+    conditional passes run as one batch [uncond, cond] of size 2B (x itself given once when the inner denoiser
+    `shares_latents`); `scale` == 1 is plain conditional sampling and skips the unconditional pass.
+    `guidance_rescale` is φ of Lin et al. 2023 (0.7 in the paper, for v-models).
     `interval` (lo, hi) limits guidance to lo < σ <= hi (see the module's docstring; None: every σ).
     """
 
     def __init__(self, denoiser: Denoiser, cond: Tensor | Conditioning, uncond: Tensor | Conditioning | None,
-                 scale: float,
-                 guidance_rescale: float = 0.0, interval: Interval | None = None):
+                 scale: float, guidance_rescale: float = 0.0, interval: Interval | None = None):
         if scale != 1.0 and uncond is None:
             raise ValueError(f"guidance scale {scale} needs an unconditional embedding (uncond)")
         if uncond is not None and uncond.shape != cond.shape:

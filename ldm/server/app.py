@@ -349,10 +349,11 @@ def create_app(sd, *, checkpoint: str, auth: dict[str, str] | None = None, max_p
     def run(body: Txt2ImgBody, requests: list[Generation]) -> dict[str, Any]:
         """The job, on the checkpoint `override_settings` asks for (and back after it, unless told not to)."""
         if body.refiner_checkpoint and body.refiner_checkpoint.lower() != "none":  # A1111's UI sends "None"
-            refiner = str(find_model(body.refiner_checkpoint, "refiner_checkpoint"))
-            switch = 0.8 if body.refiner_switch_at is None else body.refiner_switch_at
+            changes = {"refiner": str(find_model(body.refiner_checkpoint, "refiner_checkpoint"))}
+            if body.refiner_switch_at is not None:  # else Generation's default
+                changes["refiner_switch"] = body.refiner_switch_at
             try:
-                requests = [r.replace(refiner=refiner, refiner_switch=switch) for r in requests]
+                requests = [r.replace(**changes) for r in requests]
             except RequestError as e:
                 raise HTTPException(422, f"{'refiner_switch_at' if e.field == 'refiner_switch' else e.field}: "
                                          f"{e}") from None
