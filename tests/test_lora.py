@@ -116,18 +116,21 @@ def test_merging_into_an_accelerated_model_repacks_and_restores(tmp_path, tiny):
     ldm.save(sd, path)
     fast = ldm.load(path)
     plain = ldm.load(path, accelerate=False)
-    lora = L.LoRA.from_tensors(_kohya_file(plain, seed=5))
     kwargs = dict(steps=2, width=64, height=64, seed=3)
     base = ldm.txt2img(fast, "a red circle", **kwargs)  # packs the weights
-    merged_fast = L.merge(fast, [(lora, 1.0)])
-    merged_plain = L.merge(plain, [(lora, 1.0)])
-    a = ldm.txt2img(fast, "a red circle", **kwargs)
-    b = ldm.txt2img(plain, "a red circle", **kwargs)
-    assert (a.latents - b.latents).abs().max() <= 1e-5 * b.latents.abs().max()
-    assert (a.latents - base.latents).abs().max() > 1e-3  # the LoRA acts
-    merged_fast.restore()
-    merged_plain.restore()
-    assert torch.equal(ldm.txt2img(fast, "a red circle", **kwargs).latents, base.latents)
+    spare: dict = {}
+    for seed in (5, 6):  # the second merge writes into the (packed, then unpacked) merged weights of the first
+        lora = L.LoRA.from_tensors(_kohya_file(plain, seed=seed))
+        merged_fast = L.merge(fast, [(lora, 1.0)], spare)
+        merged_plain = L.merge(plain, [(lora, 1.0)])
+        a = ldm.txt2img(fast, "a red circle", **kwargs)
+        b = ldm.txt2img(plain, "a red circle", **kwargs)
+        assert (a.latents - b.latents).abs().max() <= 1e-5 * b.latents.abs().max()
+        assert (a.latents - base.latents).abs().max() > 1e-3  # the LoRA acts
+        merged_fast.restore()
+        merged_plain.restore()
+        assert torch.equal(ldm.txt2img(fast, "a red circle", **kwargs).latents, base.latents)
+    assert spare
 
 
 def test_a_kohya_file_reads_from_disk(tmp_path, tiny):
@@ -308,3 +311,83 @@ def test_a_lora_for_another_base_model_is_refused_naming_both():
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)}
     with pytest.raises(L.LoRAError, match=r"is a LoRA for SDXL; this model \(tiny\) is SD 1.x"):
         L.merge(sd, [(L.LoRA.from_tensors(sdxl, source="xl.safetensors"), 1.0)])
+
+
+def test_a_later_merge_writes_into_the_spare_weights_of_the_last_one(tiny):
+    """`using` keeps the merged tensors after restoring; the next merge writes into them (same memory) and gives
+    the weights a merge into fresh tensors gives, and restoring is still bit for bit."""
+    sd = copy.deepcopy(tiny[0])
+    before = {k: v.clone() for k, v in sd.state_dict().items()}
+    first = L.LoRA.from_tensors(_kohya_file(sd, seed=11), source="first")
+    second = L.LoRA.from_tensors(_kohya_file(sd, seed=12), source="second")
+    key = next(k for k in first.layers if "attn1_to_q" in k)
+    target = L.targets(sd)[key]
+    with L.using(sd, [(first, 1.0)]):
+        first_storage = target.weight.data_ptr()
+    name = next(n for n, m in sd.named_modules() if m is target.module) + ".weight"
+    assert target.weight.data_ptr() != first_storage and torch.equal(target.weight, before[name])  # restored
+    with L.using(sd, [(second, 0.7)]):
+        assert target.weight.data_ptr() == first_storage  # the spare tensor, written again
+        reused = {k: v.clone() for k, v in sd.state_dict().items()}
+    fresh = copy.deepcopy(tiny[0])
+    merged = L.merge(fresh, [(second, 0.7)])
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in reused.items())
+    merged.restore()
+    assert all(torch.equal(sd.state_dict()[k], v) for k, v in before.items())
+    changed = {id(t.module): t.weight for t in (L.targets(sd)[k] for k in first.layers)}.values()
+    assert L.release_spare(sd) == sum(w.numel() * w.element_size() for w in changed)
+    assert L.release_spare(sd) == 0
+    with L.using(sd, [(first, 1.0)]):
+        assert target.weight.data_ptr() != first_storage  # released: a fresh tensor
+
+
+def test_a_failing_merge_changes_nothing_and_spares_no_original(tiny, monkeypatch):
+    """A layer ldm does not read (DoRA) is refused before any weight changes; a merge stopped half-way (here by an
+    error in the third layer's product) gives every weight back, and no original weight becomes a spare."""
+    sd = copy.deepcopy(tiny[0])
+    before = {k: v.clone() for k, v in sd.state_dict().items()}
+    tensors = _kohya_file(sd, seed=13)
+    last = sorted({k.rsplit(".", 2)[0] for k in tensors})[-1]
+    dora = {**tensors, f"{last}.dora_scale": torch.ones(1)}
+    with pytest.raises(L.LoRAError, match="DoRA or Tucker"):
+        L.merge(sd, [(L.LoRA.from_tensors(dora), 1.0)])
+    assert all(torch.equal(sd.state_dict()[k], v) for k, v in before.items())
+
+    calls = []
+    add_to = L.LoRA.add_to
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+        return add_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.LoRA, "add_to", failing)
+    spare: dict = {}
+    with pytest.raises(MemoryError):
+        L.merge(sd, [(L.LoRA.from_tensors(tensors), 1.0)], spare)
+    assert all(torch.equal(sd.state_dict()[k], v) for k, v in before.items())
+    live = {p.data_ptr() for p in sd.parameters()}
+    assert len(spare) == 2 and not any(t.data_ptr() in live for t in spare.values())
+    monkeypatch.undo()
+    merged = L.merge(sd, [(L.LoRA.from_tensors(tensors), 1.0)], spare)
+    merged.restore()
+    assert all(torch.equal(sd.state_dict()[k], v) for k, v in before.items())
+
+
+def test_the_pipeline_frees_spare_weights_when_memory_is_short(tiny, monkeypatch):
+    """The spare weights are a cache: kept while memory is plentiful, freed before the pipeline would tile the VAE
+    for want of memory."""
+    from ldm.generation import pipeline
+
+    sd = copy.deepcopy(tiny[0])
+    with L.using(sd, [(L.LoRA.from_tensors(_kohya_file(sd, seed=14)), 1.0)]):
+        pass
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 1 << 40)
+    assert not pipeline._tiling_needed(sd, 64, 64, 1, 2, 1, 32)
+    assert L.release_spare(sd) > 0  # plenty of memory: kept
+    with L.using(sd, [(L.LoRA.from_tensors(_kohya_file(sd, seed=14)), 1.0)]):
+        pass
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 0)
+    pipeline._tiling_needed(sd, 64, 64, 1, 2, 1, 32)
+    assert L.release_spare(sd) == 0  # short of memory: freed

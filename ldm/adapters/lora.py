@@ -14,9 +14,16 @@ Formats (told apart by their keys):
   (alpha = r when absent).
 
 `merge(sd, [(lora, weight), ...])` adds weight · ΔW to each layer's weight (computed in fp32, stored in the
-model's dtype) and returns a `Merged` whose `restore()` puts the original weights back, bit for bit (it keeps a
-copy of each weight it changed). A merged LoRA costs nothing per step. Every key of a file must name a layer of
-the model with the right shape: anything else is an error that lists the keys, never ignored.
+model's dtype) and returns a `Merged` whose `restore()` puts the original weights back, bit for bit: the merged
+weights are new tensors and the originals are never written. A merged LoRA costs nothing per step. Every key of a
+file must name a layer of the model with the right shape: anything else is an error that lists the keys, never
+ignored.
+
+Memory. A merge writes each changed weight anew (1.4 GiB for a LoRA of every layer of SD 1.5 in fp32), and memory
+the process has not touched before is slow to hand out: on a 2-core AMD EPYC, writing 1.4 GiB of fresh pages takes
+0.6 s, as long as the matrix products of a rank-128 merge. So `Adapters`, which merges and restores for the
+pipeline, keeps the merged tensors of the last merge after restoring ("spare") and the next merge writes into those
+of the same weights. `release_spare(sd)` frees them; the pipeline does so when memory runs short.
 """
 from __future__ import annotations
 
@@ -126,11 +133,17 @@ class LoRA:
         return w1[0] * w2[0], w1[1] * w2[1]
 
     def check(self, key: str, shape: torch.Size) -> None:
-        """LoRAError unless the layer's ΔW fits a weight of `shape`."""
+        """LoRAError unless ldm reads the layer's format and its ΔW fits a weight of `shape`."""
+        self._readable(key)
         rows, columns = self.size(key)
         if rows != shape[0] or rows * columns != torch.Size(shape).numel():
             raise LoRAError(f"{self.source}: layer {key} has a {rows}x{columns} update for a weight of shape "
                             f"{tuple(shape)}; is the LoRA for another model?")
+
+    def _readable(self, key: str) -> None:
+        if any(part in self.layers[key] for part in ("dora_scale", "lora_mid.weight", "hada_t1", "lokr_t2")):
+            raise LoRAError(f"{self.source}: layer {key} is a DoRA or Tucker-decomposed layer, which ldm does not "
+                            "read yet")
 
     def add_to(self, key: str, weights: Tensor, strength: float, out: Tensor | None = None) -> Tensor:
         """weights + strength · ΔW, into `out` (default: in place). An fp32 weight takes a low-rank update as one
@@ -158,12 +171,10 @@ class LoRA:
 
     def delta(self, key: str, shape: torch.Size) -> Tensor:
         """ΔW of one layer in fp32, of the given weight shape."""
+        self._readable(key)
         parts = {k: v.float() for k, v in self.layers[key].items()}
         fmt = self.format_of(key)
         alpha = parts.get("alpha")
-        if "dora_scale" in parts or "lora_mid.weight" in parts or "hada_t1" in parts or "lokr_t2" in parts:
-            raise LoRAError(f"{self.source}: layer {key} is a DoRA or Tucker-decomposed layer, which ldm does not "
-                            "read yet")
         if fmt in ("lora", "peft"):
             down, up = ((parts["lora_down.weight"], parts["lora_up.weight"]) if fmt == "lora"
                         else (parts["lora_A.weight"], parts["lora_B.weight"]))
@@ -252,25 +263,34 @@ def _text_layers(encoder: nn.Module) -> dict[str, Target]:
     return out
 
 
+# a parameter of a model: (id of its module, its name there)
+Owner = tuple[int, str]
+
+
 @dataclass
 class Merged:
     """LoRAs merged into a model; `restore()` gives it its original weights back, bit for bit: the merged weights
-    are new tensors, and restoring hands each parameter its original tensor again (nothing is copied)."""
-    originals: dict[tuple[int, str], tuple[nn.Module, str, Tensor]] = field(default_factory=dict)
+    are new tensors, and restoring hands each parameter its original tensor again (nothing is copied). The merged
+    tensors then go to `spare`, for a later merge to write into."""
+    originals: dict[Owner, tuple[nn.Module, str, Tensor]] = field(default_factory=dict)
     loras: list[tuple[str, float]] = field(default_factory=list)
+    spare: dict[Owner, Tensor] = field(default_factory=dict)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for module, param, original in self.originals.values():
+        for owner, (module, param, original) in self.originals.items():
+            self.spare[owner] = getattr(module, param).data  # a packed layer (ldm.accel) unpacks it here
             getattr(module, param).data = original
         self.originals.clear()
         self.loras.clear()
 
 
 @torch.no_grad()
-def merge(sd, loras: list[tuple[LoRA, float]]) -> Merged:
+def merge(sd, loras: list[tuple[LoRA, float]], spare: dict[Owner, Tensor] | None = None) -> Merged:
     """Adds weight · ΔW of every layer of every LoRA to `sd`'s weights. All files are checked before any weight
-    changes: a key that names no layer of this model, or a shape that does not fit, raises LoRAError."""
+    changes: a key that names no layer of this model, or a shape that does not fit, raises LoRAError. A merged
+    weight is written into the tensor `spare` holds for it (taken out of `spare`), if any fits; restoring puts the
+    merged tensors back into `spare`."""
     table = targets(sd)
     plan = []
     cfg = sd.config
@@ -287,24 +307,36 @@ def merge(sd, loras: list[tuple[LoRA, float]]) -> Merged:
         for key in lora.layers:
             lora.check(key, table[key].weight.shape)
             plan.append((table[key], lora, key, weight))
-    merged = Merged(loras=[(lora.name, weight) for lora, weight in loras])
-    for target, lora, key, weight in plan:
-        param = getattr(target.module, target.param)
-        owner = (id(target.module), target.param)
-        if owner not in merged.originals:  # the first update of a weight writes the merged weight as a new tensor
-            original = param.data
-            merged.originals[owner] = (target.module, target.param, original)
-            new = torch.empty_like(original, memory_format=torch.contiguous_format)
-            if target.rows is not None:  # part of the weight: the rest as it was
-                new.copy_(original)
-                lora.add_to(key, original[target.rows], weight, out=new[target.rows])
+    merged = Merged(loras=[(lora.name, weight) for lora, weight in loras], spare={} if spare is None else spare)
+    try:
+        for target, lora, key, weight in plan:
+            param = getattr(target.module, target.param)
+            owner = (id(target.module), target.param)
+            if owner not in merged.originals:  # the first update of a weight writes the merged weight anew
+                original = param.data  # a packed layer (ldm.accel) gets its plain weight back here
+                new = _fresh_or_spare(original, merged.spare.pop(owner, None))
+                if target.rows is not None:  # part of the weight: the rest as it was
+                    new.copy_(original)
+                    lora.add_to(key, original[target.rows], weight, out=new[target.rows])
+                else:
+                    lora.add_to(key, original, weight, out=new)
+                param.data = new
+                merged.originals[owner] = (target.module, target.param, original)
             else:
-                lora.add_to(key, original, weight, out=new)
-            param.data = new
-        else:
-            rows = param.data if target.rows is None else param.data[target.rows]
-            lora.add_to(key, rows, weight)
+                rows = param.data if target.rows is None else param.data[target.rows]
+                lora.add_to(key, rows, weight)
+    except BaseException:  # interrupted or out of memory: the model as it was
+        merged.restore()
+        raise
     return merged
+
+
+def _fresh_or_spare(original: Tensor, spare: Tensor | None) -> Tensor:
+    """A tensor for the merged weight of `original`: `spare` if it has its shape, dtype and device, else a new one."""
+    if spare is not None and (spare.shape, spare.dtype, spare.device) == (original.shape, original.dtype,
+                                                                          original.device) and spare.is_contiguous():
+        return spare
+    return torch.empty_like(original, memory_format=torch.contiguous_format)
 
 
 def _kind(keys: list[str]) -> str:
@@ -326,13 +358,15 @@ class Adapters:
     """The LoRAs merged into one model, shared by the runs that use them: runs asking for the same LoRAs (or none)
     share the model; a run asking for others waits until the model is free, then merges them. When the last run
     using a set of LoRAs ends, the model gets its original weights back, so that between runs it is the model its
-    owner loaded. `using(sd, loras)` is how a run takes it."""
+    owner loaded; the merged tensors stay as `spare`, which the next merge writes into (see the module's "Memory").
+    `using(sd, loras)` is how a run takes it."""
 
     def __init__(self):
         self.condition = threading.Condition()
         self.key: tuple = ()
         self.users = 0
         self.merged: Merged | None = None
+        self.spare: dict[Owner, Tensor] = {}
 
     @classmethod
     def of(cls, sd) -> Adapters:
@@ -341,6 +375,17 @@ class Adapters:
             if state is None:
                 state = _STATES[sd] = cls()
             return state
+
+
+def release_spare(sd) -> int:
+    """Frees the spare merged weights kept for `sd`'s next LoRA merge; returns their bytes (0 if none)."""
+    state = _STATES.get(sd)
+    if state is None:
+        return 0
+    with state.condition:
+        freed = sum(t.numel() * t.element_size() for t in state.spare.values())
+        state.spare.clear()
+    return freed
 
 
 # each model's Adapters, kept beside the model rather than in it (a Condition cannot be copied or pickled with it)
@@ -357,7 +402,7 @@ def using(sd, loras: list[tuple[LoRA, float]]) -> Iterator[None]:
         state.condition.wait_for(lambda: state.users == 0 or state.key == key)
         if state.users == 0 and state.key != key:
             if loras:
-                state.merged = merge(sd, loras)  # raises before changing anything on a bad file
+                state.merged = merge(sd, loras, state.spare)  # raises before changing anything on a bad file
             state.key = key
         state.users += 1
     try:

@@ -39,7 +39,7 @@ from torch import Tensor
 from ldm import __version__, accel
 from ldm.adapters.embeddings import Embedding, EmbeddingError, for_model
 from ldm.adapters.embeddings import find as find_embeddings
-from ldm.adapters.lora import LoRA, LoRAError, using
+from ldm.adapters.lora import LoRA, LoRAError, release_spare, using
 from ldm.accel.optimize import largest_activation
 from ldm.config import Interval, check_interval
 from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
@@ -146,6 +146,8 @@ def _tiling_needed(sd, width: int, height: int, images: int, unet_rows: int, vae
     untiled = sum(memory_needed(sd, width, height, images, unet_rows, vae_images, None).values())
     tiled = sum(memory_needed(sd, width, height, images, unet_rows, vae_images, tile_size).values())
     free = available_memory(sd.device)
+    if untiled > free and release_spare(sd):  # the spare weights of an earlier LoRA merge go first
+        free = available_memory(sd.device)
     return untiled > free >= tiled
 
 
@@ -659,6 +661,8 @@ def refiner_model(sd, request: Generation):
             if key not in _refiners:
                 _refiners.clear()  # one refiner in memory at a time
                 need, free = loaded_bytes(path, sd.dtype), available_memory(sd.device)
+                if need > free and release_spare(sd):  # the spare weights of an earlier LoRA merge go first
+                    free = available_memory(sd.device)
                 if need > free:
                     raise RequestError("refiner", f"refiner {path.name}: its weights take {_gib(need)} in "
                                                   f"{str(sd.dtype).removeprefix('torch.')} beside the model, and "
