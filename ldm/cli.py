@@ -402,7 +402,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ldm.generation.images import file_sha256, save_png
-    from ldm.generation.pipeline import Denoising, NaNError, random_seed
+    from ldm.generation.pipeline import Denoising, NaNError, fuse_loras, random_seed
     from ldm.models.checkpoint import load
 
     device = choose_device(opts["device"])
@@ -436,6 +436,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     request = opts["request"]
     seed = request.seed if request.seed is not None else random_seed()
+    t0 = time.perf_counter()
+    # this process ends with its batches: LoRAs they all name go into the weights in place, for good
+    fused = _checked(lambda: fuse_loras(sd, [request.replace(prompt=prompt) for prompt in opts["prompts"]]))
+    if fused and not quiet:
+        print(f"merged {', '.join(f'{lora.name}:{weight:g}' for lora, weight in fused)} into the weights in "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     written: list[Path] = []
     all_images = []
     extra = {"ckpt": opts["ckpt"], "precision": precision, "device_type": device, "vae": opts.get("vae"),

@@ -229,7 +229,9 @@ def test_the_cli_takes_loras_and_refuses_bad_ones(tmp_path, tiny, capsys):
     save_file(_kohya_file(sd, seed=9), str(tmp_path / "style.safetensors"))
     base = ["txt2img", "a red circle", "--ckpt", str(ckpt), "--W", "64", "--H", "64", "--steps", "2", "--seed", "1",
             "--quiet"]
-    assert main([*base, "--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--outdir", str(tmp_path / "a")]) == 0
+    loud = [arg for arg in base if arg != "--quiet"]
+    assert main([*loud, "--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--outdir", str(tmp_path / "a")]) == 0
+    assert "merged style:0.5 into the weights" in capsys.readouterr().err
     assert main([base[0], "a <lora:style:0.5> red circle", *base[2:], "--lora-dir", str(tmp_path),
                  "--outdir", str(tmp_path / "b")]) == 0
     capsys.readouterr()
@@ -240,6 +242,15 @@ def test_the_cli_takes_loras_and_refuses_bad_ones(tmp_path, tiny, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "c").exists()
+
+    # the command line fuses the LoRA into the weights for good: the image is the one a merge for the run gives
+    import numpy as np
+    from PIL import Image
+
+    by_cli = np.asarray(Image.open(next((tmp_path / "a").glob("*.png"))).convert("RGB"))
+    by_api = ldm.txt2img(ldm.load(ckpt), "a red circle", loras=((str(tmp_path / "style.safetensors"), 0.5),),
+                         steps=2, width=64, height=64, seed=1).images[0]
+    assert np.array_equal(by_cli, np.asarray(by_api.convert("RGB")))
 
 
 def test_the_png_records_lora_and_ti_hashes_and_replays_them(tmp_path, tiny):
@@ -341,6 +352,20 @@ def test_a_later_merge_writes_into_the_spare_weights_of_the_last_one(tiny):
         assert target.weight.data_ptr() != first_storage  # released: a fresh tensor
 
 
+def _fail_the_third_product(monkeypatch) -> None:
+    """LoRA.add_to raises MemoryError at its third call, as a merge running out of memory half-way would."""
+    calls = []
+    add_to = L.LoRA.add_to
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+        return add_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.LoRA, "add_to", failing)
+
+
 def test_a_failing_merge_changes_nothing_and_spares_no_original(tiny, monkeypatch):
     """A layer ldm does not read (DoRA) is refused before any weight changes; a merge stopped half-way (here by an
     error in the third layer's product) gives every weight back, and no original weight becomes a spare."""
@@ -353,16 +378,7 @@ def test_a_failing_merge_changes_nothing_and_spares_no_original(tiny, monkeypatc
         L.merge(sd, [(L.LoRA.from_tensors(dora), 1.0)])
     assert all(torch.equal(sd.state_dict()[k], v) for k, v in before.items())
 
-    calls = []
-    add_to = L.LoRA.add_to
-
-    def failing(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise MemoryError("out of memory")
-        return add_to(self, *args, **kwargs)
-
-    monkeypatch.setattr(L.LoRA, "add_to", failing)
+    _fail_the_third_product(monkeypatch)
     spare: dict = {}
     with pytest.raises(MemoryError):
         L.merge(sd, [(L.LoRA.from_tensors(tensors), 1.0)], spare)
@@ -391,3 +407,47 @@ def test_the_pipeline_frees_spare_weights_when_memory_is_short(tiny, monkeypatch
     monkeypatch.setattr(pipeline, "available_memory", lambda device: 0)
     pipeline._tiling_needed(sd, 64, 64, 1, 2, 1, 32)
     assert L.release_spare(sd) == 0  # short of memory: freed
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2"])  # tiny-v2: open_clip's fused q, k, v rows
+def test_fuse_merges_in_place_for_good(name):
+    """`fuse` writes the weights `merge` gives, bit for bit, into the model's own tensors; the model then runs with
+    those LoRAs only, and a bad file is refused before any weight changes."""
+    sd, _ = random_model(ldm.preset(name), seed=1)
+    first = L.LoRA.from_tensors(_kohya_file(sd, seed=15), source="first.safetensors")
+    second = L.LoRA.from_tensors(_kohya_file(sd, seed=16, rank=3), source="second.safetensors")
+    loras = [(first, 0.6), (second, -0.3)]  # two updates of the same layers
+    wrong = L.LoRA.from_tensors({"lora_unet_nowhere.lora_down.weight": torch.zeros(2, 4),
+                                 "lora_unet_nowhere.lora_up.weight": torch.zeros(4, 2)}, source="wrong")
+    reference = copy.deepcopy(sd)
+    with pytest.raises(L.LoRAError, match="match no layer"):
+        L.fuse(sd, [(wrong, 1.0)])
+    assert all(torch.equal(sd.state_dict()[k], v) for k, v in reference.state_dict().items())
+    L.merge(reference, loras)
+    storage = {k: v.data_ptr() for k, v in sd.state_dict().items()}
+    L.fuse(sd, loras)
+    assert {k: v.data_ptr() for k, v in sd.state_dict().items()} == storage  # in place
+    fused = sd.state_dict()
+    assert all(torch.equal(fused[k], v) for k, v in reference.state_dict().items())
+    with L.using(sd, loras):  # the same LoRAs: the model as it is
+        assert all(torch.equal(sd.state_dict()[k], v) for k, v in fused.items())
+    for other in ([], [(first, 0.6)], [(first, 0.6), (second, 0.3)]):
+        with pytest.raises(L.LoRAError, match=r"first.safetensors:0.6, second.safetensors:-0.3 fused into its "
+                                              r"weights for good"), L.using(sd, other):
+            pass
+    with pytest.raises(L.LoRAError, match="for good"):
+        L.fuse(sd, [(first, 1.0)])
+    assert all(torch.equal(sd.state_dict()[k], v) for k, v in fused.items())
+
+
+def test_a_fuse_stopped_half_way_refuses_every_later_use(tiny, monkeypatch):
+    sd = copy.deepcopy(tiny[0])
+    lora = L.LoRA.from_tensors(_kohya_file(sd, seed=17))
+    _fail_the_third_product(monkeypatch)
+    with pytest.raises(MemoryError):
+        L.fuse(sd, [(lora, 1.0)])
+    monkeypatch.undo()
+    for use in (lambda: L.using(sd, []).__enter__(), lambda: L.using(sd, [(lora, 1.0)]).__enter__(),
+                lambda: L.fuse(sd, [(lora, 1.0)])):
+        with pytest.raises(L.LoRAError, match="stopped half-way, leaving its weights half merged; load the model"):
+            use()

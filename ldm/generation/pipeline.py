@@ -39,7 +39,7 @@ from torch import Tensor
 from ldm import __version__, accel
 from ldm.adapters.embeddings import Embedding, EmbeddingError, for_model
 from ldm.adapters.embeddings import find as find_embeddings
-from ldm.adapters.lora import LoRA, LoRAError, release_spare, using
+from ldm.adapters.lora import LoRA, LoRAError, fuse, release_spare, using
 from ldm.accel.optimize import largest_activation
 from ldm.config import Interval, check_interval
 from ldm.generation.images import fit_init_image, from_pil, init_image_size, to_pil
@@ -633,6 +633,21 @@ def read_loras(request: Generation) -> list[tuple[LoRA, float]]:
             raise RequestError("loras", str(e)) from None
     return out
 
+
+
+def fuse_loras(sd, requests: list[Generation]) -> list[tuple[LoRA, float]]:
+    """Fuses into `sd` for good (`ldm.adapters.lora.fuse`) the LoRAs that all these requests name, when they name
+    the same ones: for a process that runs these requests and ends, such as `ldm txt2img`, which then writes no
+    merged weight anew. Returns the LoRAs fused (none where the requests name none, or different ones)."""
+    sets = [read_loras(request) for request in requests]
+    keys = {tuple((lora.source, weight) for lora, weight in loras) for loras in sets}
+    if not sets or not sets[0] or len(keys) > 1:
+        return []
+    try:
+        fuse(sd, sets[0])
+    except LoRAError as e:
+        raise RequestError("loras", str(e)) from None
+    return sets[0]
 
 # The refiner last loaded by path, kept for the next request: (path, size, mtime, dtype, device) -> model.
 _refiners: dict[tuple, Any] = {}
