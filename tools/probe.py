@@ -144,10 +144,13 @@ def cmd_call_phases(args: argparse.Namespace) -> int:
 # --- adapters: LoRA merging and long prompts ---------------------------------------------------------------------
 
 ADAPTERS_DOC = """\
-What adapters and long prompts cost, on the bench's random-weight SD 1.5 file: reading a random kohya LoRA (all
-attention, feed-forward and projection layers of the UNet and the text encoder, at --rank), merging it and taking
-it out again; the UNet step (batch 2, 64x64 latents) without and with it merged; the text encoder's time for
-prompts of 1, 2 and 3 chunks of 75 tokens.
+What adapters and long prompts cost, on the bench's random-weight SD 1.5 file (fp32, accelerated as `ldm.load`
+gives it): reading a random kohya LoRA (all attention, feed-forward and projection layers of the UNet and the text
+encoder, at --rank), merging it and taking it out again, in the cases a user meets: the first LoRA after loading,
+fused in place as the command line does, or merged for a run into fresh memory (the Python API, the server); a LoRA
+after a run without one (the accelerated model's packed weights unpack); LoRA after LoRA (into the spare weights of
+the last merge); the UNet step (batch 2, 64x64 latents) without and with
+it merged; the text encoder's time for prompts of 1, 2 and 3 chunks of 75 tokens.
 
     python tools/probe.py adapters --rank 128       # a ~150 MB LoRA"""
 
@@ -168,15 +171,18 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(0)
     layers = ("to_q", "to_k", "to_v", "to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out", "q_proj",
               "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-    tensors = {}
-    for key, target in L.targets(sd).items():
-        if key.startswith(("lora_unet_down", "lora_unet_mid", "lora_unet_up", L.KOHYA_TEXT)) and key.endswith(layers):
-            out, inp = target.weight.shape[0], target.weight[0].numel()
-            tensors[f"{key}.lora_down.weight"] = torch.randn(args.rank, inp, generator=g).half() * 0.01
-            tensors[f"{key}.lora_up.weight"] = torch.randn(out, args.rank, generator=g).half() * 0.01
-            tensors[f"{key}.alpha"] = torch.tensor(float(args.rank)).half()
-    path = CHECKPOINT.parent / f"lora-rank{args.rank}.safetensors"
-    save_file(tensors, str(path))
+    paths = []
+    for name in ("", "-b"):  # two files of the same layers: the second is merged after the first is taken out
+        tensors = {}
+        for key, target in L.targets(sd).items():
+            if key.startswith(("lora_unet_down", "lora_unet_mid", "lora_unet_up", L.KOHYA_TEXT)) \
+                    and key.endswith(layers):
+                out, inp = target.weight.shape[0], target.weight[0].numel()
+                tensors[f"{key}.lora_down.weight"] = torch.randn(args.rank, inp, generator=g).half() * 0.01
+                tensors[f"{key}.lora_up.weight"] = torch.randn(out, args.rank, generator=g).half() * 0.01
+                tensors[f"{key}.alpha"] = torch.tensor(float(args.rank)).half()
+        paths.append(CHECKPOINT.parent / f"lora-rank{args.rank}{name}.safetensors")
+        save_file(tensors, str(paths[-1]))
     x = torch.randn(2, 4, 64, 64, generator=g)
     t = torch.tensor([500, 500])
     context = torch.randn(2, 77, 768, generator=g)
@@ -185,19 +191,47 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         with torch.no_grad():
             sd.unet(x, t, context)
 
-    before = median_ms(step, args.runs)
+    def read_and_merge(path: Path) -> tuple[L.Merged, float, float]:
+        """Read and merge as `ldm.adapters.lora.using` does (writing into the spare weights of the last merge)."""
+        t0 = time.perf_counter()
+        lora = L.LoRA.read(path)
+        t1 = time.perf_counter()
+        merged = L.merge(sd, [(lora, 1.0)], spare)
+        return merged, t1 - t0, time.perf_counter() - t1
+
+    def report(label: str, merged: L.Merged, read: float, merge: float) -> None:
+        t0 = time.perf_counter()
+        merged.restore()
+        print(f"{label}: read {read:.2f} s, merge {merge:.2f} s, total {read + merge:.2f} s; restore "
+              f"{time.perf_counter() - t0:.2f} s")
+
+    fused = ldm.load(CHECKPOINT, dtype=torch.float32)  # as `ldm txt2img --lora` does: in place, for good
     t0 = time.perf_counter()
-    lora = L.LoRA.read(path)
+    lora = L.LoRA.read(paths[0])
     t1 = time.perf_counter()
-    merged = L.merge(sd, [(lora, 1.0)])
-    t2 = time.perf_counter()
+    L.fuse(fused, [(lora, 1.0)])
+    print(f"LoRA rank {args.rank}: {paths[0].stat().st_size / 2**20:.0f} MiB, {len(lora.layers)} layers")
+    print(f"first LoRA after loading, fused in place (the command line): read {t1 - t0:.2f} s, fuse "
+          f"{time.perf_counter() - t1:.2f} s, total {time.perf_counter() - t0:.2f} s")
+    del fused, lora
+    spare: dict = {}
+    merged, read, merge = read_and_merge(paths[0])  # the Python API's first LoRA: no layer has run yet
+    report("first LoRA after loading, merged for the run (fresh memory)", merged, read, merge)
+    before = median_ms(step, args.runs)
+    merged, read, merge = read_and_merge(paths[1])  # a server's LoRA request after plain ones
     with_lora = median_ms(step, args.runs)
-    t3 = time.perf_counter()
-    merged.restore()
-    t4 = time.perf_counter()
-    print(f"LoRA rank {args.rank}: {path.stat().st_size / 2**20:.0f} MiB, {len(lora.layers)} layers; read "
-          f"{t1 - t0:.2f} s, merge {t2 - t1:.2f} s, restore {t4 - t3:.2f} s; UNet step {before:.0f} ms without, "
-          f"{with_lora:.0f} ms merged")
+    report("LoRA after a run without one (accelerated: its packed weights unpack)", merged, read, merge)
+    print(f"UNet step {before:.0f} ms without, {with_lora:.0f} ms merged")
+    times = []
+    for i in range(args.runs):  # the two files in turn, as requests naming one and then the other
+        merged, read, merge = read_and_merge(paths[i % 2])
+        merged.restore()
+        times.append((read + merge, read, merge))
+    total, read, merge = sorted(times)[len(times) // 2]
+    flops = sum(2 * w.numel() * args.rank for w in spare.values())  # one product up · down per weight
+    print(f"LoRA after LoRA, into the spare weights (median of {args.runs}): read {read:.2f} s, merge "
+          f"{merge:.2f} s ({flops / 1e9:.0f} GFLOP of products: {flops / merge / 1e9:.0f} GFLOP/s), total "
+          f"{total:.2f} s (all: {', '.join(f'{t[0]:.2f}' for t in times)} s)")
     for chunks in (1, 2, 3):
         prompt = ", ".join(["a red circle"] * (18 * chunks))  # 4 tokens a phrase: 71, 143, 215 tokens
         k = P.count_chunks(sd.tokenizer, prompt)
