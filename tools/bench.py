@@ -128,6 +128,7 @@ def child_load(loader: str, path: str, dtype_name: str, config_dir: str) -> dict
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if loader == "ldm":
         import ldm
+        import ldm.models.checkpoint  # noqa: F401 - its imports (transformers' CLIP) before the clock, as diffusers'
 
         before, c0 = rss_now(), cpu_s()
         t0 = time.perf_counter()
