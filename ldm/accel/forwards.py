@@ -11,9 +11,13 @@ the target already has the layout that `a + b` would give.
 
 Shared latents. An accelerated UNet also takes k * B contexts for B latents (k prompts per latent, e.g. the
 [uncond, cond] pair of classifier-free guidance) and returns k * B rows, the same as for the latents repeated k
-times (`torch.cat([x] * k)`) up to float rounding; but the layers before the first cross-attention (conv_in, the
-first ResBlocks, the first self-attention: ~3% of SD's work) run once per latent instead of k times. The batch
-grows where the latents first meet the context (`repeat_batch`).
+times (`torch.cat([x] * k)`); but the layers before the first cross-attention (conv_in, the first ResBlocks, the
+first self-attention: ~3% of SD's work) run once per latent instead of k times. The batch grows where the latents
+first meet the context (`repeat_batch`, in the layout the plain batch has there), and the timestep embedding is
+computed for all k * B rows, as the plain batch computes it, so that the rows are bit for bit those of the
+repeated latents wherever a layer rounds each row alike whatever the batch (the tiny presets, any CPU; a plain bf16
+model in the pipeline). oneDNN's packed convolutions at SD's sizes do not: SD 1.5, fp32, 32 x 32 latents, one
+latent shared by two contexts against two latents: 3.6e-6 apart at most, for outputs up to 1.3.
 
 Upsampling. Where the convolution after a nearest x2 upsampling computes from packed weights, it runs as four 2x2
 convolutions of the small input (`ldm.accel.optimize.upsample_conv`, 4/9 of the work).
@@ -50,23 +54,32 @@ def silu(x: Tensor) -> Tensor:
 
 
 def repeat_batch(x: Tensor, n: int) -> Tensor:
-    """x (B, ...) as a batch of n = k * B: k copies of it one after the other, as `torch.cat([x] * k)` (which
-    keeps x's memory layout); x itself when B == n."""
+    """x (B, ...) as a batch of n = k * B: k copies of it one after the other, in x's memory layout (the layout
+    the plain forward would have given the k * B rows, and the layout decides the rounding of the next
+    convolution); x itself when B == n. (`torch.cat` keeps only the standard and channels-last layouts: the
+    tokens of a transformer, (B, N, C) stored as (B, C, N), would come out (B, N, C).)"""
     b = x.shape[0]
     if b == n:
         return x
     if n % b:
         raise ValueError(f"cannot repeat a batch of {b} to {n}: {n} is not a multiple of {b}")
-    return torch.cat([x] * (n // b))
+    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))  # x's dims from the outermost in memory
+    if order[0] != 0:  # the batch is not outermost: no layout of k * B rows to keep
+        return torch.cat([x] * (n // b))
+    return torch.cat([x.permute(order)] * (n // b)).permute([order.index(d) for d in range(x.ndim)])
 
 
 # --- UNet (ldm.models.unet) ---------------------------------------------------------------------------------
 
 def unet_resblock(self: unet.ResBlock, x: Tensor, emb: Tensor) -> Tensor:
+    """ResBlock.forward; `emb` may have more rows than x (the k * B rows of shared latents, of which x's B rows are
+    the first): its projection is computed on all of them, as the plain forward of k * B rows does (a linear layer
+    on one row can round otherwise than on two), and the first B taken."""
     norm1, _, conv1 = self.in_layers
     norm2, _, dropout, conv2 = self.out_layers
     h = conv1(silu(norm1(x)))                                                  # (B, C_out, H, W)
-    h = add_into(h, self.emb_layers(emb).type(h.dtype)[:, :, None, None])   # emb is shared: not in place
+    e = self.emb_layers(emb).type(h.dtype)[:h.shape[0], :, None, None]
+    h = add_into(h, e)                                                         # emb is shared: not in place
     return add_residual(self.skip_connection(x), conv2(dropout(silu(norm2(h)))))
 
 
@@ -102,7 +115,7 @@ def timestep_sequential(self: unet.TimestepEmbedSequential, x: Tensor, emb: Tens
                         size: tuple[int, int] | None = None) -> Tensor:
     for layer in self:
         if isinstance(layer, unet.ResBlock):
-            x = layer(x, repeat_batch(emb, x.shape[0]))
+            x = layer(x, emb)  # emb: the k * B rows (`unet_model`)
         elif isinstance(layer, unet.SpatialTransformer):
             x = layer(x, context)
         elif isinstance(layer, unet.Upsample):
@@ -119,9 +132,10 @@ def unet_model(self: unet.UNetModel, x: Tensor, timesteps: Tensor, context: Tens
     if context.shape[0] % x.shape[0]:
         raise ValueError(f"UNet got {x.shape[0]} latents for {context.shape[0]} contexts; the contexts must be as "
                          "many as the latents or a multiple of them (latents shared by several prompts)")
-    timesteps = self.timesteps_for(x, timesteps)
+    # the embedding of all k * B rows, as the plain forward computes it: the rows of B shared latents are its first B
+    timesteps = repeat_batch(self.timesteps_for(x, timesteps), context.shape[0])
     if y is not None:
-        x, timesteps = repeat_batch(x, context.shape[0]), repeat_batch(timesteps, context.shape[0])
+        x = repeat_batch(x, context.shape[0])
     emb = self.embed(timesteps, y)
     dtype = emb.dtype
     h, context = x.to(dtype), context.to(dtype)
