@@ -49,8 +49,8 @@ def outpainted(request: Generation) -> Generation:
 def inpainting_input(sd, request: Generation, pixels: Tensor | None, masks, width: int, height: int) -> Tensor:
     """What an inpainting model's UNet takes beside the latents, (1, 1 + 4, h, w): the mask at latent size (1 =
     repaint; all 1 without a mask) and the latents of the image with the area to repaint set to 0 (grey), the
-    posterior's mean (CompVis' `LatentInpaintDiffusion`, A1111's image conditioning). txt2img (no `pixels`): an all-grey
-    image."""
+    posterior's mean (CompVis' `LatentInpaintDiffusion`, A1111's image conditioning), from `pixels`, the init image;
+    txt2img (no `pixels`): an all-grey image."""
     f = sd.config.vae.downsample_factor
     if pixels is not None:
         repaint = (torch.ones(1, 1, height, width) if masks is None
@@ -92,20 +92,20 @@ def only_masked(sd, request: Generation):
 
 
 def grow(box: tuple[int, int, int, int], padding: int, work: tuple[int, int],
-          size: tuple[int, int]) -> tuple[int, int, int, int]:
+         size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The box plus `padding` on every side, then widened or heightened to `work`'s aspect ratio, within `size`."""
     x0, y0, x1, y1 = max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, size[0]), \
         min(box[3] + padding, size[1])
     ratio = work[0] / work[1]
     w, h = x1 - x0, y1 - y0
     if w / h < ratio:  # too narrow: widen around its centre
-        grow = min(round(h * ratio) - w, size[0] - w)
-        x0 = min(max(x0 - grow // 2, 0), size[0] - (w + grow))
-        x1 = x0 + w + grow
+        extra = min(round(h * ratio) - w, size[0] - w)
+        x0 = min(max(x0 - extra // 2, 0), size[0] - (w + extra))
+        x1 = x0 + w + extra
     else:
-        grow = min(round(w / ratio) - h, size[1] - h)
-        y0 = min(max(y0 - grow // 2, 0), size[1] - (h + grow))
-        y1 = y0 + h + grow
+        extra = min(round(w / ratio) - h, size[1] - h)
+        y0 = min(max(y0 - extra // 2, 0), size[1] - (h + extra))
+        y1 = y0 + h + extra
     return x0, y0, x1, y1
 
 

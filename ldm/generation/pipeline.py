@@ -371,8 +371,9 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
         shape = (sd.config.vae.embed_dim, height // f, width // f)  # the latents' channels: the VAE's
         init = None
         masks = inpainting.masks_for(sd, request, width, height) if request.mask is not None else None
+        known = _pixels(sd, request) if request.img2img else None  # the init image: its latents, an inpainting UNet's
         if request.img2img:
-            pixels = _pixels(sd, request)
+            pixels = known
             if masks is not None and request.masked_content == "fill":
                 pixels = inpainting.fill(pixels, masks[1])
             # image i's posterior sample, then its starting noise, both from its own generator
@@ -384,8 +385,7 @@ def _denoise(sd, request: Generation) -> Generator[Step, None, Result]:
                                           f"{tuple(request.latents.shape)}")
         else:
             noise = request.latents
-        concat = inpainting.inpainting_input(sd, request, _pixels(sd, request) if request.img2img else None, masks,
-                                              width, height) if sd.config.inpainting else None
+        concat = inpainting.inpainting_input(sd, request, known, masks, width, height) if sd.config.inpainting else None
         texts = encode_texts(sd, request, prompts, embeddings)
         denoiser = _guided_denoiser(sd, request, texts, (width, height), interval, invariant, concat)
         if refiner is not None:  # A1111's refiner: the rest of the steps on another model
